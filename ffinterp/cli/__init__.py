@@ -1,0 +1,95 @@
+"""The ``ffinterp`` command line: thin commands that parse, call the library and print.
+
+Each command lives in its own module below and registers itself on :data:`app`.
+Bad input of any kind ends in one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from ffinterp import __version__
+from ffinterp.errors import FFInterpError
+
+app = typer.Typer(
+    name="ffinterp",
+    help="Find and explain attention glitches in flip-flop language models.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"ffinterp {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version."
+    ),
+) -> None:
+    """Find and explain attention glitches in flip-flop language models."""
+
+
+def fail(message: str) -> None:
+    """Print one line and exit 2: the CLI's answer to bad input."""
+    raise FFInterpError(message)
+
+
+# Command modules register themselves on `app` when imported.
+from ffinterp.cli import sample as _sample  # noqa: E402,F401
+
+
+def _click_exceptions(name: str) -> tuple[type[BaseException], ...]:
+    """The click exception class ``name`` from click and from the copy newer typer vendors."""
+    found = [getattr(click.exceptions, name)]
+    try:
+        from typer._click import exceptions as vendored
+    except ImportError:
+        vendored = None
+    if vendored is not None and hasattr(vendored, name):
+        found.append(getattr(vendored, name))
+    return tuple(found)
+
+
+USAGE_ERRORS = _click_exceptions("UsageError")
+CLICK_ERRORS = _click_exceptions("ClickException")
+ABORTS = _click_exceptions("Abort")
+EXITS = _click_exceptions("Exit")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app, turning every usage or input error into one line and exit 2."""
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=argv, prog_name="ffinterp", standalone_mode=False)
+    except USAGE_ERRORS as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `ffinterp`: show the help
+            print(e.format_message(), file=sys.stderr)
+            sys.exit(2)
+        where = f"{e.ctx.command_path}: " if getattr(e, "ctx", None) is not None else "ffinterp: "
+        print(f"{where}error: {e.format_message()}", file=sys.stderr)
+        sys.exit(2)
+    except ABORTS:
+        print("ffinterp: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except EXITS as e:
+        sys.exit(e.exit_code)
+    except CLICK_ERRORS as e:
+        print(f"ffinterp: error: {e.format_message()}", file=sys.stderr)
+        sys.exit(2)
+    except FFInterpError as e:
+        print(f"ffinterp: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("ffinterp: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)

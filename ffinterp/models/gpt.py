@@ -1,0 +1,226 @@
+"""The fast model: a GPT-2-style decoder with nanoGPT's parameter names.
+
+This view trains and does bulk scoring, so attention goes through
+``scaled_dot_product_attention``; the explicit softmax path runs only when a caller asks
+for the attention rows (the sharpening regularizer). Analysis uses the hooked view.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from ffinterp.language import VOCAB_SIZE
+
+# nanoGPT's own GPTConfig fields: these go to ckpt["model_args"]; the rest to ckpt["ffl"].
+NANOGPT_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
+
+
+@dataclass
+class GPTConfig:
+    """Architecture of the fast transformer.
+
+    ``dropout`` is nanoGPT's single rate; ``embd_dropout``, ``attn_dropout`` and
+    ``resid_dropout`` override it per site (the paper's embedding-dropout mitigation).
+    ``activation`` is ``gelu`` (exact, nanoGPT) or ``gelu_new`` (tanh, HF GPT-2).
+    """
+
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 512
+    vocab_size: int = VOCAB_SIZE
+    bias: bool = True
+    dropout: float = 0.0
+    embd_dropout: float | None = None
+    attn_dropout: float | None = None
+    resid_dropout: float | None = None
+    pos_embedding: str = "learned"  # or "sinusoidal" (fixed, stored in wpe, frozen)
+    activation: str = "gelu"
+    ln_eps: float = 1e-5
+    layer_norm: bool = True
+    attn_only: bool = False
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.pos_embedding not in ("learned", "sinusoidal"):
+            raise ValueError(f"pos_embedding must be 'learned' or 'sinusoidal', got {self.pos_embedding!r}")
+        if self.activation not in ("gelu", "gelu_new"):
+            raise ValueError(f"activation must be 'gelu' or 'gelu_new', got {self.activation!r}")
+
+    @property
+    def d_head(self) -> int:
+        return self.n_embd // self.n_head
+
+    def rate(self, site: str) -> float:
+        """Dropout rate at ``embd``, ``attn`` or ``resid``."""
+        own = getattr(self, f"{site}_dropout")
+        return self.dropout if own is None else own
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GPTConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def model_args(self) -> dict:
+        """nanoGPT's ``model_args`` (so nanoGPT itself can load our checkpoints)."""
+        return {k: getattr(self, k) for k in NANOGPT_ARGS}
+
+
+PRESETS: dict[str, dict] = {
+    "tiny": dict(n_layer=2, n_embd=128, n_head=4),
+    "small": dict(n_layer=4, n_embd=256, n_head=8),
+    "paper": dict(n_layer=6, n_embd=512, n_head=8),
+}
+
+
+def preset(name: str, **overrides) -> GPTConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r} (known: {', '.join(PRESETS)}, lstm)")
+    return GPTConfig(**{**PRESETS[name], **overrides})
+
+
+def sinusoidal_table(n_pos: int, d: int) -> Float[Tensor, "pos d"]:
+    """The fixed position embeddings of Vaswani et al. (sin on even, cos on odd dims)."""
+    pos = torch.arange(n_pos, dtype=torch.float64)[:, None]
+    freq = torch.exp(-math.log(10000.0) * torch.arange(0, d, 2, dtype=torch.float64) / d)
+    table = torch.zeros(n_pos, d, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq)[:, : d // 2]
+    return table.float()
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with optional bias (nanoGPT's); eps follows the source checkpoint."""
+
+    def __init__(self, ndim: int, bias: bool, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_drop = nn.Dropout(cfg.rate("resid"))
+        self.attn_p = cfg.rate("attn")
+
+    def forward(self, x: Tensor, need_pattern: bool = False) -> tuple[Tensor, Tensor | None]:
+        b, t, c = x.shape
+        h = self.cfg.n_head
+        q, k, v = self.c_attn(x).split(c, dim=2)
+        q, k, v = (z.view(b, t, h, c // h).transpose(1, 2) for z in (q, k, v))
+        pattern = None
+        if need_pattern:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(c // h)
+            mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+            pattern = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+            y = F.dropout(pattern, self.attn_p, self.training) @ v
+        else:
+            p = self.attn_p if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        y = y.transpose(1, 2).reshape(b, t, c)
+        return self.resid_drop(self.c_proj(y)), pattern
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.rate("resid"))
+        self.approximate = "tanh" if cfg.activation == "gelu_new" else "none"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        norm = (lambda: LayerNorm(cfg.n_embd, cfg.bias, cfg.ln_eps)) if cfg.layer_norm else nn.Identity
+        self.ln_1 = norm()
+        self.attn = CausalSelfAttention(cfg)
+        if not cfg.attn_only:
+            self.ln_2 = norm()
+            self.mlp = MLP(cfg)
+        self.attn_only = cfg.attn_only
+
+    def forward(self, x: Tensor, need_pattern: bool = False) -> tuple[Tensor, Tensor | None]:
+        a, pattern = self.attn(self.ln_1(x), need_pattern)
+        x = x + a
+        if not self.attn_only:
+            x = x + self.mlp(self.ln_2(x))
+        return x, pattern
+
+
+class GPT(nn.Module):
+    """GPT-2-style decoder; parameter names match nanoGPT's ``model.py``."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        norm = LayerNorm(cfg.n_embd, cfg.bias, cfg.ln_eps) if cfg.layer_norm else nn.Identity()
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+                wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+                drop=nn.Dropout(cfg.rate("embd")),
+                h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
+                ln_f=norm,
+            )
+        )
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        if cfg.pos_embedding == "sinusoidal":
+            with torch.no_grad():
+                self.transformer.wpe.weight.copy_(sinusoidal_table(cfg.block_size, cfg.n_embd))
+            self.transformer.wpe.weight.requires_grad_(False)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self, idx: Int[Tensor, "batch seq"], need_patterns: bool = False
+    ) -> Float[Tensor, "batch seq vocab"] | tuple[Float[Tensor, "batch seq vocab"], list[Tensor]]:
+        """Logits at every position; with ``need_patterns`` also each layer's attention
+        pattern ``[batch, head, query, key]``."""
+        t = idx.shape[1]
+        if t > self.cfg.block_size:
+            raise ValueError(f"sequence of length {t} exceeds block_size {self.cfg.block_size}")
+        tr = self.transformer
+        x = tr.drop(tr.wte(idx) + tr.wpe.weight[:t])
+        patterns = []
+        for block in tr.h:
+            x, pattern = block(x, need_patterns)
+            patterns.append(pattern)
+        logits = self.lm_head(tr.ln_f(x))
+        return (logits, patterns) if need_patterns else logits

@@ -1,0 +1,325 @@
+"""Training with the paper's recipe and its mitigations, resumable bit-exactly.
+
+Batches come from the seeded FFL stream by offset (step * batch), so resuming needs only
+the step, the weights, the optimizer and the dropout RNG: all saved in ``ckpt.pt``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from ffinterp.checkpoints import load_checkpoint, save_checkpoint
+from ffinterp.data import STANDARD_SETS, eval_set
+from ffinterp.language import Mix, read_mask, reads, sample
+from ffinterp.models.gpt import GPT, PRESETS, preset
+from ffinterp.models.lstm import LSTM, LSTMConfig
+from ffinterp.scoring import score_tokens
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; stored in the checkpoint's ``config``."""
+
+    preset: str = "tiny"
+    seq_len: int = 512
+    steps: int = 10_000
+    batch_size: int = 16
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.999
+    warmup: int = 50
+    grad_clip: float = 1.0
+    loss: str = "reads"  # or "all": full next-token loss
+    p_i: float = 0.8
+    mixture: list[float] = field(default_factory=list)  # e.g. [0.1, 0.9, 0.98]
+    embd_dropout: float = 0.0
+    attn_dropout: float = 0.0
+    resid_dropout: float = 0.0
+    pos_embedding: str = "learned"
+    sharpen: float = 0.0  # weight of the attention-entropy penalty
+    sharpen_anneal: str = "none"  # "none" or "linear" (0 -> sharpen over the run)
+    eval_every: int = 500
+    eval_n: int = 128
+    ckpt_every: int = 500
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("reads", "all"):
+            raise ValueError(f"loss must be 'reads' or 'all', got {self.loss!r}")
+        if self.preset not in (*PRESETS, "lstm"):
+            raise ValueError(f"unknown preset {self.preset!r} (known: {', '.join(PRESETS)}, lstm)")
+        if self.sharpen_anneal not in ("none", "linear"):
+            raise ValueError(f"sharpen_anneal must be 'none' or 'linear', got {self.sharpen_anneal!r}")
+        if self.sharpen and self.preset == "lstm":
+            raise ValueError("the attention-sharpening regularizer needs a transformer, not the LSTM")
+        for p in self.mixture or [self.p_i]:
+            Mix.ffl(p)
+
+    @property
+    def distribution(self) -> str:
+        if self.mixture:
+            return "mixture of " + ", ".join(f"FFL({p})" for p in self.mixture)
+        return f"FFL({self.p_i})"
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` is CUDA when there is a GPU, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def build(cfg: TrainConfig) -> nn.Module:
+    if cfg.preset == "lstm":
+        return LSTM(LSTMConfig())
+    return GPT(
+        preset(
+            cfg.preset,
+            block_size=cfg.seq_len,
+            embd_dropout=cfg.embd_dropout,
+            attn_dropout=cfg.attn_dropout,
+            resid_dropout=cfg.resid_dropout,
+            pos_embedding=cfg.pos_embedding,
+        )
+    )
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup over ``warmup`` steps, then linear decay to 0 at ``steps``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    return cfg.lr * max(0.0, (cfg.steps - step) / max(1, cfg.steps - cfg.warmup))
+
+
+def sharpen_weight(cfg: TrainConfig, step: int) -> float:
+    if cfg.sharpen_anneal == "linear":
+        return cfg.sharpen * step / max(1, cfg.steps)
+    return cfg.sharpen
+
+
+def batch_at(cfg: TrainConfig, step: int) -> Int[Tensor, "batch seq"]:
+    """The training batch of a step: rows of the seeded stream(s) at offset step * batch.
+
+    A mixture splits each batch evenly over its components, each with its own stream.
+    """
+    mixes = cfg.mixture or [cfg.p_i]
+    per = [cfg.batch_size // len(mixes) + (k < cfg.batch_size % len(mixes)) for k in range(len(mixes))]
+    parts = [
+        sample(n, cfg.seq_len, p, seed=cfg.seed * 1000 + k, offset=step * n)
+        for k, (p, n) in enumerate(zip(mixes, per))
+        if n
+    ]
+    return torch.cat(parts)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (nanoGPT's grouping)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def attention_entropy(patterns: list[Float[Tensor, "batch head q k"]]) -> Tensor:
+    """Mean entropy (nats) of every attention row: the sharpening regularizer's target."""
+    ent = [-(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean() for p in patterns]
+    return torch.stack(ent).mean()
+
+
+def training_loss(
+    model: nn.Module, tokens: Int[Tensor, "batch seq"], cfg: TrainConfig, step: int
+) -> tuple[Tensor, dict[str, float]]:
+    """Cross-entropy on read targets (or all next tokens), plus the sharpening penalty."""
+    w = sharpen_weight(cfg, step) if isinstance(model, GPT) else 0.0
+    if w > 0:
+        logits, patterns = model(tokens, need_patterns=True)
+    else:
+        logits, patterns = model(tokens), None
+    logits = logits.float()
+    if cfg.loss == "all":
+        ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+    else:
+        mask = read_mask(tokens)
+        ce = F.cross_entropy(logits[mask], tokens[:, 1:][mask[:, :-1]])
+    stats = {"ce": float(ce.detach())}
+    loss = ce
+    if patterns is not None:
+        ent = attention_entropy(patterns)
+        loss = ce + w * ent
+        stats["attn_entropy"] = float(ent.detach())
+    return loss, stats
+
+
+def quick_eval(model: nn.Module, n: int, seq_len: int, device: torch.device) -> dict[str, float]:
+    """Error rate on the first ``n`` sequences of each standard set (a training-time glance)."""
+    was = model.training
+    model.eval()
+    out = {}
+    for name in STANDARD_SETS:
+        tokens = eval_set(name, n, seq_len)
+        errs = total = 0
+        for chunk in tokens.split(64):
+            s = score_tokens(model, chunk, device)
+            errs += int(s.error.sum())
+            total += len(s)
+        out[name] = errs / max(1, total)
+    model.train(was)
+    return out
+
+
+@dataclass
+class TrainResult:
+    path: Path
+    steps: int
+    wall_time: float
+    final_eval: dict[str, float]
+    interrupted: bool = False
+
+
+def train(
+    cfg: TrainConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    command: str = "",
+) -> TrainResult:
+    """Train (or resume) a model; ``out/ckpt.pt`` is always a valid checkpoint."""
+    out = Path(out)
+    path = out / "ckpt.pt"
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = build(cfg)
+    opt = make_optimizer(model, cfg)
+    start, wall_before, history = 0, 0.0, []
+    if resume and path.exists():
+        loaded = load_checkpoint(path)
+        saved = TrainConfig(
+            **{**asdict(cfg), **loaded.raw.get("config", {}), "steps": cfg.steps, "device": cfg.device}
+        )
+        cfg = saved
+        model = build(cfg)
+        model.load_state_dict(loaded.model.state_dict())
+        opt = make_optimizer(model, cfg)
+        opt.load_state_dict(loaded.raw["optimizer"])
+        torch.set_rng_state(loaded.raw["rng"])
+        start = int(loaded.raw["iter_num"])
+        wall_before = float(loaded.meta.get("train", {}).get("wall_time_s", 0.0))
+        history = list(loaded.meta.get("train", {}).get("history", []))
+    model.to(device).train()
+    for state in opt.state.values():
+        for k, v in state.items():
+            if isinstance(v, Tensor) and k != "step":
+                state[k] = v.to(device)
+
+    t0 = time.perf_counter()
+    step = start
+
+    def save(final_eval: dict | None = None) -> None:
+        meta = {
+            "train": {
+                "distribution": cfg.distribution,
+                "regularizers": {
+                    "embd_dropout": cfg.embd_dropout,
+                    "attn_dropout": cfg.attn_dropout,
+                    "resid_dropout": cfg.resid_dropout,
+                    "sharpen": cfg.sharpen,
+                    "sharpen_anneal": cfg.sharpen_anneal,
+                    "pos_embedding": cfg.pos_embedding,
+                },
+                "steps": step,
+                "wall_time_s": wall_before + time.perf_counter() - t0,
+                "command": command,
+                "history": history,
+            },
+        }
+        if final_eval is not None:
+            meta["quick_eval"] = final_eval
+        model_cpu_rng = torch.get_rng_state()
+        save_checkpoint(
+            path,
+            model,
+            iter_num=step,
+            config=asdict(cfg),
+            ffl=meta,
+            extra={"optimizer": opt.state_dict(), "rng": model_cpu_rng},
+        )
+
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    )
+    bar = _progress(total=cfg.steps, initial=start, enabled=progress)
+    interrupted = False
+    # SIGTERM (e.g. a scheduler's kill) is treated like Ctrl-C: save, then stop.
+    old_term = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
+    try:
+        while step < cfg.steps:
+            tokens = batch_at(cfg, step).to(device)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(cfg, step)
+            with autocast:
+                loss, stats = training_loss(model, tokens, cfg, step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            step += 1
+            bar.update(1)
+            postfix = {"loss": f"{stats['ce']:.4f}"}
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                ev = quick_eval(model, cfg.eval_n, cfg.seq_len, device)
+                history.append({"step": step, "loss": stats["ce"], **ev})
+                postfix.update({f"err_{k}": f"{v:.2e}" for k, v in ev.items()})
+            bar.set_postfix(postfix, refresh=False)
+            if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
+                save()
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+        bar.close()
+    final = history[-1] if history and history[-1]["step"] == step else {}
+    save(final_eval={k: final[k] for k in STANDARD_SETS if k in final} or None)
+    return TrainResult(path, step, wall_before + time.perf_counter() - t0, final, interrupted)
+
+
+def _raise_interrupt(signum, frame):  # noqa: ARG001
+    raise KeyboardInterrupt
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True
+    )
+
+
+def read_accuracy(model: nn.Module, tokens: Int[Tensor, "batch seq"]) -> float:
+    """Fraction of reads answered correctly (a small helper for tests and notebooks)."""
+    s = score_tokens(model, tokens)
+    return 1.0 - float(s.error.float().mean()) if len(s) else math.nan
+
+
+__all__ = ["TrainConfig", "TrainResult", "train", "reads", "lr_at", "attention_entropy", "training_loss"]
