@@ -46,6 +46,8 @@ def fail(message: str) -> None:
 
 # Command modules register themselves on `app` when imported.
 from ffinterp.cli import sample as _sample  # noqa: E402,F401
+from ffinterp.cli import train as _train  # noqa: E402,F401
+from ffinterp.cli import pretrained as _pretrained  # noqa: E402,F401
 
 
 def _click_exceptions(name: str) -> tuple[type[BaseException], ...]:
