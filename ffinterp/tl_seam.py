@@ -20,6 +20,7 @@ them, so compute per-head outputs from ``hook_z`` and ``W_O`` instead.
 from __future__ import annotations
 
 import importlib.metadata
+import warnings
 from typing import Any
 
 import torch
@@ -247,7 +248,10 @@ def _build_hooked_transformer(
         model_name="ffinterp",
         **{k: bool(v) for k, v in options.items()},
     )
-    model = HookedTransformer(tl_cfg)
+    with warnings.catch_warnings():
+        # 3.9 warns that HookedTransformer goes away in 4.0; a 3.x user chose it on purpose.
+        warnings.filterwarnings("ignore", "HookedTransformer is deprecated", DeprecationWarning)
+        model = HookedTransformer(tl_cfg)
     weights = _ht_weights(cfg, sd)
     result = model.load_state_dict(weights, strict=False)
     params = {k for k, _ in model.named_parameters()}

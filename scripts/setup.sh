@@ -3,6 +3,8 @@
 #   - a virtual environment in .venv with the pinned CPU build of torch pre-installed
 #     (override with FFINTERP_TORCH, e.g. FFINTERP_TORCH="torch==2.14.1" for a CUDA build),
 #   - ffinterp with its test extras,
+#   - with FFINTERP_TRANSFORMER_LENS (e.g. "transformer-lens==3.9.0"), that TransformerLens
+#     pinned in place of the newest one ffinterp's range allows (FFINTERP_VENV picks the folder),
 #   - Debian's chromium for kaleido's PNG/SVG export and the offline-HTML browser test
 #     (skipped when not root or apt-get is missing; set FFINTERP_NO_CHROMIUM=1 to skip).
 set -euo pipefail
@@ -21,7 +23,8 @@ fi
 if [ -n "$TL" ]; then
   "$VENV/bin/python" -m pip install -q "$TL"
 fi
-"$VENV/bin/python" -m pip install -q -e ".[test]"
+# Repeat the TransformerLens pin here so resolving ffinterp's own range can never move it.
+"$VENV/bin/python" -m pip install -q -e ".[test]" ${TL:+"$TL"}
 
 if [ -z "${FFINTERP_NO_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
