@@ -48,6 +48,7 @@ def fail(message: str) -> None:
 from ffinterp.cli import sample as _sample  # noqa: E402,F401
 from ffinterp.cli import train as _train  # noqa: E402,F401
 from ffinterp.cli import pretrained as _pretrained  # noqa: E402,F401
+from ffinterp.cli import glitches as _glitches  # noqa: E402,F401
 
 
 def _click_exceptions(name: str) -> tuple[type[BaseException], ...]:

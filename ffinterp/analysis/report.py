@@ -1,0 +1,269 @@
+"""The glitch report: the object :func:`ffinterp.find_glitches` returns, its JSONL, its terminal
+table and its self-contained offline HTML (plotly.js inlined once)."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """Write JSON to a temp file, fsync, rename: readers never see half a file."""
+    _write_atomic(Path(path), json.dumps(obj, indent=2, default=_plain) + "\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _plain(o):
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _short(text: str, width: int = 36) -> str:
+    return text if len(text) <= width else text[: width // 2 - 1] + "…" + text[-(width // 2) :]
+
+
+class GlitchReport:
+    """Verified glitches of one search with its summary; shows itself in Jupyter.
+
+    ``model`` (an :class:`~ffinterp.hooked.FFLModel`) is kept so the HTML report can draw
+    each glitch's read-head heatmap; it is optional.
+    """
+
+    def __init__(self, glitches: list[dict], summary: dict, model=None):
+        self.glitches = list(glitches)
+        self.summary = summary
+        self.model = model
+
+    def __len__(self) -> int:
+        return len(self.glitches)
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(self.glitches)
+
+    def __getitem__(self, k: int) -> dict:
+        return self.glitches[k]
+
+    def __repr__(self) -> str:
+        s = self.summary
+        return (
+            f"GlitchReport({len(self)} glitches in {s.get('scored', 0):,} sequences scored, "
+            f"model={s.get('model')!r}, best margin={_fmt(s.get('best_margin'))})"
+        )
+
+    def top(self, n: int = 10) -> list[dict]:
+        """The ``n`` glitches with the most negative margin (the surest failures)."""
+        return sorted(self.glitches, key=lambda g: (g["margin"], g["id"]))[:n]
+
+    def to_jsonl(self, path: str | os.PathLike | None = None) -> str:
+        """The glitches as JSON lines (also written to ``path`` atomically, if given)."""
+        text = "".join(json.dumps(g, separators=(",", ":")) + "\n" for g in self.glitches)
+        if path is not None:
+            _write_atomic(Path(path), text)
+        return text
+
+    # ------------------------------------------------------------ text
+
+    def table(self, n: int = 10) -> str:
+        """A terminal table of the top glitches."""
+        head = ("#", "strategy", "read", "gap", "decoys", "exp", "pred", "margin", "min len", "mode", "fixed")
+        rows = [head]
+        for g in self.top(n):
+            d = g.get("diagnosis") or {}
+            m = g.get("minimized") or {}
+            fixed = (d.get("causal") or {}).get("fixed")
+            rows.append(
+                (
+                    str(g["id"]),
+                    g["strategy"],
+                    str(g["read_pos"]),
+                    str(g["gap"]),
+                    str(g["decoys"]),
+                    g["expected"],
+                    g["prediction"],
+                    f"{g['margin']:+.3f}",
+                    str(m.get("length", "-")),
+                    d.get("label", "-"),
+                    "-" if fixed is None else ("yes" if fixed else "no"),
+                )
+            )
+        widths = [max(len(r[k]) for r in rows) for k in range(len(head))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        for g in self.top(min(n, 3)):
+            m = g.get("minimized") or {}
+            if m:
+                lines.append(f"  #{g['id']} minimal: {_short(m['text'], 100)} (read at {m['read_pos']})")
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------ figures
+
+    def plot(self):
+        """Error rate of the scored reads against gap length and decoy count (plotly)."""
+        from plotly.subplots import make_subplots
+
+        fig = make_subplots(rows=1, cols=2, subplot_titles=("error rate vs gap", "error rate vs decoys"))
+        panels = ((1, "rate_by_gap", "gap (tokens)"), (2, "rate_by_decoys", "earlier opposite-bit writes"))
+        for col, key, title in panels:
+            bins = self.summary.get(key) or []
+            labels = [f"{b['lo']}-{b['hi'] - 1}" if b["hi"] else f"{b['lo']}+" for b in bins]
+            fig.add_bar(
+                x=labels,
+                y=[b["rate"] for b in bins],
+                customdata=[[b["errors"], b["reads"]] for b in bins],
+                hovertemplate="%{x}: %{y:.2e} (%{customdata[0]} / %{customdata[1]} reads)<extra></extra>",
+                row=1,
+                col=col,
+                showlegend=False,
+            )
+            fig.update_xaxes(title_text=title, row=1, col=col)
+            fig.update_yaxes(title_text="errors / reads scored", row=1, col=col)
+        fig.update_layout(height=380, margin=dict(l=60, r=20, t=40, b=60))
+        return fig
+
+    def heatmap(self, k: int):
+        """Attention of every head from glitch ``k``'s read (rows) over the keys (columns)."""
+        import plotly.graph_objects as go
+
+        from ffinterp.analysis.diagnose import attention_rows
+        from ffinterp.language import from_text
+
+        if self.model is None or getattr(self.model, "hooked", None) is None:
+            raise ValueError("heatmaps need the report's model with a hooked view")
+        g = self.glitches[k]
+        tokens = from_text(g["text"])
+        pos = g["read_pos"]
+        rows = attention_rows(self.model, tokens[None], torch.tensor([pos]))[0]  # layer head key
+        n_layer, n_head = rows.shape[:2]
+        read_heads = {h["head"] for h in (g.get("diagnosis") or {}).get("read_heads", [])}
+        names = [f"L{l}H{h}" for l in range(n_layer) for h in range(n_head)]
+        labels = [f"{n} *" if n in read_heads else n for n in names]
+        z = rows.reshape(n_layer * n_head, -1)[:, : pos + 1].numpy()
+        x = [f"{p}:{g['text'][p]}" for p in range(pos + 1)]
+        fig = go.Figure(go.Heatmap(z=z, x=x, y=labels, colorscale="Viridis", zmin=0, zmax=1))
+        lw = g["last_write_pos"]
+        fig.add_vline(x=lw, line_color="red", line_dash="dot")
+        fig.update_layout(
+            title=f"glitch #{g['id']}: attention from the read at {pos} "
+            f"(last write at {lw}, red; * read head)",
+            height=120 + 18 * len(labels),
+            margin=dict(l=70, r=20, t=40, b=40),
+            xaxis=dict(showticklabels=pos < 130),
+        )
+        return fig
+
+    # ------------------------------------------------------------ html
+
+    def _summary_table(self) -> str:
+        s = self.summary
+        rows = [
+            ("model", s.get("model")),
+            ("sequences scored", f"{s.get('scored', 0):,}"),
+            ("verified glitches", len(self)),
+            ("distinct minimal forms", s.get("distinct_minimized")),
+            ("mean minimised length", _fmt(s.get("mean_minimized_length"))),
+            ("best margin", _fmt(s.get("best_margin"))),
+            ("seed / seq_len / device", f"{s.get('seed')} / {s.get('seq_len')} / {s.get('device')}"),
+            ("verified by", s.get("verified_by")),
+            ("disagreements (internal errors)", s.get("disagreements")),
+        ]
+        for name, st in (s.get("strategies") or {}).items():
+            rows.append(
+                (
+                    f"strategy {name}",
+                    f"{st.get('scored', 0):,} scored, {st.get('glitches', 0)} glitches, "
+                    f"first at {st.get('first_glitch_at') or '-'}",
+                )
+            )
+        return _html_table(["", ""], rows)
+
+    def _glitch_table(self, n: int | None = None) -> str:
+        rows = []
+        for g in self.top(n or len(self)):
+            d = g.get("diagnosis") or {}
+            m = g.get("minimized") or {}
+            causal = d.get("causal") or {}
+            rows.append(
+                (
+                    g["id"],
+                    g["strategy"],
+                    f"<code title='{html.escape(g['text'])}'>{html.escape(_short(g['text'], 48))}</code>",
+                    g["read_pos"],
+                    g["gap"],
+                    g["decoys"],
+                    f"{g['expected']} → {g['prediction']}",
+                    f"{g['p_correct']:.3f}",
+                    f"{g['margin']:+.3f}",
+                    f"<code>{html.escape(_short(m.get('text', '-'), 48))}</code>",
+                    d.get("label", "-"),
+                    "-" if not causal else ("fixed" if causal.get("fixed") else "not fixed"),
+                )
+            )
+        head = ["#", "strategy", "sequence", "read", "gap", "decoys", "exp → pred", "p(correct)", "margin",
+                "minimal form", "mode", "causal check"]  # fmt: skip
+        return _html_table(head, rows, escape=False)
+
+    def _repr_html_(self) -> str:
+        return (
+            f"<div class='ffinterp-glitches'><b>{html.escape(repr(self))}</b>"
+            f"{self._summary_table()}{self._glitch_table(10)}</div>"
+        )
+
+    def to_html(self, max_heatmaps: int = 20) -> str:
+        """A self-contained offline page: plotly.js inlined once, then every figure."""
+        figs = [self.plot()]
+        titles = ["Error rate of the scored reads by gap and decoy count"]
+        if self.model is not None and getattr(self.model, "hooked", None) is not None:
+            for g in self.top(max_heatmaps):
+                figs.append(self.heatmap(self.glitches.index(g)))
+                titles.append(f"Glitch #{g['id']}: read-head attention")
+        parts = []
+        for k, (fig, title) in enumerate(zip(figs, titles)):
+            div = fig.to_html(full_html=False, include_plotlyjs=(k == 0), config={"displaylogo": False})
+            parts.append(f"<h2>{html.escape(title)}</h2>{div}")
+        style = (
+            "body{font-family:system-ui,sans-serif;margin:2em;}table{border-collapse:collapse;margin:1em 0;}"
+            "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left;}"
+            "code{font-size:12px;}"
+        )
+        name = html.escape(str(self.summary.get("model")))
+        return (
+            "<!DOCTYPE html><html><head><meta charset='utf-8'><title>ffinterp glitch report</title>"
+            f"<style>{style}</style></head><body><h1>Attention glitches: {name}"
+            f"</h1>{self._summary_table()}<h2>Verified glitches</h2>{self._glitch_table()}"
+            f"{''.join(parts)}</body></html>"
+        )
+
+    def save_html(self, path: str | os.PathLike, max_heatmaps: int = 20) -> Path:
+        """Write :meth:`to_html` atomically."""
+        path = Path(path)
+        _write_atomic(path, self.to_html(max_heatmaps))
+        return path
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def _html_table(head, rows, escape: bool = True) -> str:
+    def cell(v):
+        return html.escape(str(v)) if escape else str(v)
+
+    th = "".join(f"<th>{cell(h)}</th>" for h in head) if any(head) else ""
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
+    return f"<table>{'<tr>' + th + '</tr>' if th else ''}{body}</table>"
+
+
+__all__ = ["GlitchReport", "write_json_atomic"]

@@ -1,0 +1,72 @@
+"""``ffinterp find-glitches``: search a model for attention glitches, minimise and explain them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ffinterp.cli import app, fail
+
+
+@app.command("find-glitches")
+def find_glitches_cmd(
+    ckpt: str = typer.Argument(
+        None, help="ckpt.pt, nanoGPT, HF folder or pretrained:NAME (default: the shipped mitigated model)."
+    ),
+    strategy: str = typer.Option("all", "--strategy", help="random, families, evolve, gradient or all."),
+    budget: int = typer.Option(20_000, "--budget", help="Sequences to score on the fast model (shared)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of every search stream."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA if present), cpu, cuda, cuda:1 ..."),
+    out: Path = typer.Option(Path("glitches"), "--out", help="Folder for the three output files."),
+    no_minimize: bool = typer.Option(False, "--no-minimize", help="Skip minimising each glitch."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a killed run in --out."),
+    seq_len: int = typer.Option(None, "--seq-len", help="Sequence length (default: the model's block size)."),
+    max_glitches: int = typer.Option(100, "--max-glitches", help="Stop after this many verified glitches."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Sequences per scored batch."),
+    no_diagnose: bool = typer.Option(False, "--no-diagnose", help="Skip the attention diagnosis."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Find inputs where the read fails, verify them on the hooked model, and report them."""
+    from ffinterp.analysis.glitches import find_glitches
+    from ffinterp.analysis.search import STRATEGIES
+    from ffinterp.pretrained import DEFAULT_MODEL, PREFIX
+
+    if strategy != "all" and strategy not in STRATEGIES:
+        fail(f"--strategy must be one of {', '.join(sorted(STRATEGIES))} or all, got {strategy!r}")
+    if budget < 1:
+        fail(f"--budget must be at least 1, got {budget}")
+    if max_glitches < 1:
+        fail(f"--max-glitches must be at least 1, got {max_glitches}")
+    if batch_size < 1:
+        fail(f"--batch-size must be at least 1, got {batch_size}")
+    if device != "auto" and not (device == "cpu" or device.startswith("cuda")):
+        fail(f"--device must be auto, cpu or cuda[:N], got {device!r}")
+    spec = ckpt or PREFIX + DEFAULT_MODEL
+    report = find_glitches(
+        spec,
+        strategy,
+        budget,
+        seed=seed,
+        device=device,
+        out=out,
+        minimize=not no_minimize,
+        diagnose=not no_diagnose,
+        resume=resume,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        max_glitches=max_glitches,
+        progress=not quiet,
+    )
+    s = report.summary
+    typer.echo(
+        f"{len(report)} verified glitches in {s['scored']:,} sequences scored "
+        f"(best margin {s['best_margin']:.4f}) -> {out}/glitches.jsonl, summary.json, report.html"
+        if s["best_margin"] is not None
+        else f"{len(report)} verified glitches in {s['scored']:,} sequences scored -> {out}"
+    )
+    if len(report):
+        typer.echo(report.table(10))
+    if s["disagreements"]:
+        n = s["disagreements"]
+        typer.echo(f"warning: {n} internal errors (fast and hooked models disagreed); see summary.json")
