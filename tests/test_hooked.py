@@ -277,3 +277,35 @@ def test_device_auto_is_cpu_without_cuda(tiny: FFLModel) -> None:
     m = FFLModel.from_fast(random_gpt(), device="auto")
     assert m.device == torch.device("cpu")
     assert next(m.hooked.parameters()).device.type == "cpu"
+
+
+@pytest.mark.tl3
+def test_load_model_hf_gpt2_folder_matches_hf_logits(tmp_path, tokens: torch.Tensor) -> None:
+    """A Hugging Face GPT-2 folder: tanh GELU, its own eps, Conv1D weights, tied lm_head."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf_cfg = transformers.GPT2Config(
+        vocab_size=5,
+        n_positions=T,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        layer_norm_epsilon=1e-3,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+        want = hf(tokens).logits
+    hf.save_pretrained(tmp_path / "hf-gpt2")
+    try:
+        m = load_model(tmp_path / "hf-gpt2", device="cpu")
+    except FFInterpError as e:
+        if "not a readable torch checkpoint" in str(e) or "no such checkpoint" in str(e):
+            pytest.skip(f"checkpoints.load_checkpoint does not read HF GPT-2 folders yet ({e})")
+        raise
+    assert m.cfg.activation == "gelu_new" and m.cfg.ln_eps == 1e-3
+    assert (m.fast_logits(tokens) - want).abs().max() <= TOL
+    assert (m.hooked_logits(tokens) - want).abs().max() <= TOL
