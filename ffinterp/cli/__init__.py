@@ -46,6 +46,7 @@ def fail(message: str) -> None:
 
 # Command modules register themselves on `app` when imported.
 from ffinterp.cli import sample as _sample  # noqa: E402,F401
+from ffinterp.cli import eval as _eval  # noqa: E402,F401
 from ffinterp.cli import train as _train  # noqa: E402,F401
 from ffinterp.cli import pretrained as _pretrained  # noqa: E402,F401
 from ffinterp.cli import glitches as _glitches  # noqa: E402,F401

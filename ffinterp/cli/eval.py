@@ -1,0 +1,36 @@
+"""``ffinterp eval CKPT``: error rates on the standard sets with exact 95% intervals."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from ffinterp.cli import app, fail
+from ffinterp.data import STANDARD_SETS
+
+
+@app.command("eval")
+def eval_command(
+    ckpt: str = typer.Argument(
+        ..., help="ckpt.pt (ffinterp or nanoGPT), a GPT-2 folder, or pretrained:NAME."
+    ),
+    sets: str = typer.Option(",".join(STANDARD_SETS), "--sets", help="Comma-separated: in, sparse, dense."),
+    n: int = typer.Option(None, "--n", help="Sequences per set (default: each set's full size)."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per sequence (even, <= block_size)."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Sequences per forward pass."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
+) -> None:
+    """Score every read of the standard sets; 0 errors print as a 95% Clopper-Pearson upper bound."""
+    from ffinterp.evaluate import evaluate
+
+    if n is not None and n < 1:
+        fail(f"--n must be >= 1, got {n}")
+    if batch_size < 1:
+        fail(f"--batch-size must be >= 1, got {batch_size}")
+    result = evaluate(
+        ckpt, sets, n=n, seq_len=seq_len, batch_size=batch_size, device=device, progress=progress
+    )
+    typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.table())

@@ -1,0 +1,194 @@
+"""Evaluation: exact Clopper–Pearson intervals, streamed error counts, the eval CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from ffinterp.checkpoints import save_checkpoint
+from ffinterp.cli import main as cli_main
+from ffinterp.data import eval_set
+from ffinterp.errors import FFInterpError
+from ffinterp.evaluate import betainc, clopper_pearson, count_errors, evaluate
+from ffinterp.language import last_write_pos, sample
+from ffinterp.models.gpt import GPT, GPTConfig
+from ffinterp.models.lstm import LSTM, LSTMConfig
+from ffinterp.scoring import score_tokens
+
+T = 64
+
+
+class Oracle(nn.Module):
+    """Predicts the last write's bit everywhere (no parameters), or a fixed token."""
+
+    def __init__(self, always: int | None = None):
+        super().__init__()
+        self.always = always
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.always is not None:
+            target = torch.full_like(idx, self.always)
+        else:
+            target = idx.gather(1, (last_write_pos(idx) + 1).clamp(0, idx.shape[1] - 1))
+        return nn.functional.one_hot(target, 5).float() * 10
+
+
+@pytest.fixture(scope="module")
+def tiny() -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2, block_size=T)).eval()
+
+
+# ---------------------------------------------------------------- Clopper–Pearson
+
+
+def test_clopper_pearson_known_values():
+    lo, hi = clopper_pearson(0, 100)
+    assert lo == 0 and hi == pytest.approx(0.0362, abs=5e-5)
+    lo, hi = clopper_pearson(5, 100)
+    assert lo == pytest.approx(0.0164, abs=5e-5) and hi == pytest.approx(0.1128, abs=5e-5)
+    assert clopper_pearson(0, 0) == (0.0, 1.0)
+    lo, hi = clopper_pearson(100, 100)
+    assert hi == 1 and lo == pytest.approx(1 - 0.0362, abs=5e-5)
+    with pytest.raises(ValueError):
+        clopper_pearson(3, 2)
+
+
+@pytest.mark.parametrize("n", [1, 7, 30])
+def test_clopper_pearson_tails_are_exactly_alpha_over_two(n):
+    """The defining property, checked with the binomial sum itself (no beta function)."""
+
+    def cdf(k: int, p: float) -> float:
+        return sum(math.comb(n, j) * p**j * (1 - p) ** (n - j) for j in range(k + 1))
+
+    for k in range(n + 1):
+        lo, hi = clopper_pearson(k, n)
+        if k < n:
+            assert cdf(k, hi) == pytest.approx(0.025, abs=1e-9)
+        if k > 0:
+            assert 1 - cdf(k - 1, lo) == pytest.approx(0.025, abs=1e-9)
+        assert clopper_pearson(n - k, n) == pytest.approx((1 - hi, 1 - lo), abs=1e-12)
+
+
+def test_clopper_pearson_at_eval_set_scale():
+    """400k reads, as in a full set: still exact (checked by a log-space binomial sum)."""
+
+    def cdf(k: int, n: int, p: float) -> float:
+        lg = math.lgamma
+        return math.fsum(
+            math.exp(lg(n + 1) - lg(j + 1) - lg(n - j + 1) + j * math.log(p) + (n - j) * math.log1p(-p))
+            for j in range(k + 1)
+        )
+
+    for k, n in [(3, 409_600), (1234, 409_600)]:
+        lo, hi = clopper_pearson(k, n)
+        assert cdf(k, n, hi) == pytest.approx(0.025, rel=1e-6)
+        assert 1 - cdf(k - 1, n, lo) == pytest.approx(0.025, rel=1e-6)
+    assert betainc(2.0, 3.0, 0.4) == pytest.approx(0.5248, abs=1e-12)  # 1 - 0.6^4 - 4*0.4*0.6^3
+
+
+# ---------------------------------------------------------------- counting
+
+
+def test_count_errors_agrees_with_the_per_read_scorer(tiny):
+    tokens = sample(40, T, 0.5, seed=5)
+    s = score_tokens(tiny, tokens)
+    reads, errors, bad = count_errors(tiny, tokens)
+    assert (reads, errors) == (len(s), int(s.error.sum()))
+    assert bad == len(set(s.reads.batch[s.error].tolist()))
+
+
+def test_perfect_model_reports_an_upper_bound_not_zero():
+    r = evaluate(Oracle(), ["in", "dense"], n=150, seq_len=T, batch_size=32, progress=False)
+    for s in r:
+        assert s.errors == 0 and s.reads > 0
+        assert s.ci_high == pytest.approx(1 - 0.025 ** (1 / s.reads))
+        assert s.line() == f"0 / {s.reads}  (< {s.ci_high:.1e}, 95% CP)"
+    assert "< " in r.table() and "<table>" in r._repr_html_()
+    json.dumps(r.to_dict())
+
+
+def test_streamed_counts_equal_the_materialised_set():
+    """Batches that do not divide n, per-set sizes and lengths; same as scoring it whole."""
+    model = Oracle(always=4)  # always says "1": wrong exactly at reads of a 0
+    n, seq_len = {"in": 70, "sparse": 45}, {"sparse": 32, "in": T}
+    r = evaluate(model, "in,sparse", n=n, seq_len=seq_len, batch_size=16, progress=False)
+    for s, (name, n, t) in zip(r, [("in", 70, T), ("sparse", 45, 32)]):
+        tokens = eval_set(name, n, t)
+        sc = score_tokens(model, tokens)
+        assert (s.name, s.n_seqs, s.seq_len) == (name, n, t)
+        assert (s.reads, s.errors) == (len(sc), int(sc.error.sum())) and s.errors > 0
+        assert s.ci_low < s.error_rate < s.ci_high
+
+
+def test_gpt_and_lstm_are_evaluated_alike(tiny, tmp_path):
+    lstm = LSTM(LSTMConfig(hidden=16)).train()
+    r = evaluate(lstm, "dense", n=20, seq_len=T, progress=False)
+    assert r["dense"].reads > 0 and lstm.training  # mode restored
+    save_checkpoint(tmp_path / "ckpt.pt", tiny)
+    r = evaluate(tmp_path / "ckpt.pt", "in", n=20, seq_len=T, progress=False)
+    assert r["in"].reads > 0 and "GPT 1 layers" in r.model
+
+
+def test_bad_arguments_are_one_line_errors(tiny):
+    for kwargs, expected in [
+        (dict(seq_len=128), "seq_len 128 exceeds the model's block_size 64"),
+        (dict(seq_len=63), "seq_len must be an even number"),
+        (dict(sets="in,nope"), "unknown evaluation set 'nope'"),
+        (dict(n=0), "n must be >= 1"),
+        (dict(device="cuda:7" if not torch.cuda.is_available() else "nope"), "device"),
+    ]:
+        with pytest.raises(FFInterpError, match=expected):
+            evaluate(tiny, **{"sets": "in", "n": 4, "seq_len": T, "progress": False, **kwargs})
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_eval_cli_end_to_end(tiny, tmp_path):
+    save_checkpoint(tmp_path / "ckpt.pt", tiny)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ffinterp",
+            "eval",
+            str(tmp_path / "ckpt.pt"),
+            "--n",
+            "40",
+            "--seq-len",
+            str(T),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    for name in ("in", "sparse", "dense"):
+        row = next(line for line in lines if line.startswith(name + " "))
+        assert "95% CP" in row and "/" in row
+    assert "%|" in r.stderr  # the progress bar
+
+
+def test_eval_cli_json_and_errors(tiny, tmp_path, capsys):
+    save_checkpoint(tmp_path / "ckpt.pt", tiny)
+    args = ["eval", str(tmp_path / "ckpt.pt"), "--n", "8", "--seq-len", str(T), "--no-progress"]
+    with pytest.raises(SystemExit) as e:
+        cli_main([*args, "--sets", "dense", "--json"])
+    assert e.value.code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert list(out["sets"]) == ["dense"] and out["sets"]["dense"]["n_seqs"] == 8
+    for bad in (["--seq-len", "512"], ["--sets", "nope"], ["--n", "0"]):
+        with pytest.raises(SystemExit) as e:
+            cli_main([*args, *bad])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("ffinterp: error:") and err.count("\n") == 1, err
+    with pytest.raises(SystemExit) as e:
+        cli_main(["eval", str(tmp_path / "missing.pt")])
+    assert e.value.code == 2 and "no such checkpoint file" in capsys.readouterr().err
