@@ -1,152 +1,102 @@
 """Why a glitch happens: the read heads' attention at the failing read, and a causal check.
 
-Per glitch: the read heads (detected once on a reference set), their last-write mass at the
-glitch next to their typical mass on correct reads, where the attention went (categories
-and top positions), a failure-mode label, and whether forcing the read heads to attend to
-the last write fixes the prediction. Everything runs on the hooked model.
+Per glitch: the read heads (named once by :func:`ffinterp.analysis.attention.detect_read_heads`
+on a reference set), their last-write mass at the glitch next to their typical mass on
+correct reads, where the attention went (the attention module's key categories and top
+positions), a failure-mode label, and whether forcing the read heads to attend to the last
+write fixes the prediction. Everything runs on the hooked model.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ffinterp.analysis.search import derive_seed
-from ffinterp.language import ONE, VOCAB, ZERO, I, R, W, last_write_pos, reads, sample
-
-PATTERN = "blocks.{l}.attn.hook_pattern"
-CATEGORIES = (
-    "last_write",
-    "earlier_write_same_bit",
-    "earlier_write_opposite_bit",
-    "start",
-    "reads",
-    "ignores",
+from ffinterp.analysis.attention import (
+    PATTERN,
+    START_TOKENS,
+    head_name,
+    name_heads,
+    read_attention,
+    read_rows,
 )
-START_TOKENS = 2  # the first write's pair
+from ffinterp.data import eval_set
+from ffinterp.language import VOCAB, Reads, W, last_write_pos, reads
+from ffinterp.scoring import score_tokens
+
+LABELS = ("dilution", "wrong write", "start drift", "other")
 
 
 def attention_rows(
     ffl, tokens: Int[Tensor, "batch seq"], pos: Int[Tensor, " n"], batch: Int[Tensor, " n"] | None = None
 ) -> Float[Tensor, "n layer head key"]:
-    """Every head's attention from query ``pos`` of row ``batch`` (hooked model), keeping
-    only those rows, so long sequences never hold whole patterns."""
+    """Every head's attention from query ``pos`` of row ``batch`` (hooked model, on CPU)."""
     tokens = torch.as_tensor(tokens)
-    if tokens.ndim == 1:
-        tokens = tokens[None]
+    tokens = tokens[None] if tokens.ndim == 1 else tokens
     batch = torch.zeros_like(pos) if batch is None else batch
-    hooked = ffl.hooked
-    n_layers = hooked.cfg.n_layers
-    got: dict[int, Tensor] = {}
-
-    def grab(pattern, hook):
-        layer = int(hook.name.split(".")[1])
-        got[layer] = pattern[batch.to(pattern.device), :, pos.to(pattern.device), :].detach().float().cpu()
-
-    hooks = [(PATTERN.format(l=l), grab) for l in range(n_layers)]
-    with torch.inference_mode():
-        hooked.run_with_hooks(tokens.to(ffl.device), fwd_hooks=hooks)
-    return torch.stack([got[l] for l in range(n_layers)], dim=1)
-
-
-def _pair_mass(row: Tensor, p: int) -> float:
-    return float(row[p] + row[p + 1]) if p + 1 < len(row) else float(row[p])
+    # read_rows takes the queries as Reads; only their (batch, pos) matter here
+    q = Reads(batch=batch, pos=pos, bit=torch.zeros_like(pos), write_pos=torch.zeros_like(pos))
+    return read_rows(ffl, tokens, q).cpu()
 
 
 @dataclass
 class ReferenceStats:
-    """Per head: mean last-write mass on correct reads, its 5th percentile, and the share of
-    that mass on the ``w`` token (the rest is on its bit)."""
+    """Per head on correct reads of a reference set: mean and 5th percentile of the
+    last-write mass, and the share of it on the ``w`` token (the rest is on its bit)."""
 
     mean: Float[Tensor, "layer head"]
     p05: Float[Tensor, "layer head"]
     w_share: Float[Tensor, "layer head"]
     read_heads: list[tuple[int, int]]
+    detection: dict  # the per-head score and whether a head passed the threshold
     n_reads: int
 
 
-def reference_stats(ffl, seq_len: int, seed: int = 0, n: int = 64, chunk: int = 8) -> ReferenceStats:
-    """Detect the read heads on a reference set (FFL(0.8) and FFL(0.98), half each): the
-    heads whose attention at correct reads goes mostly to the last write."""
-    half = n // 2
-    toks = torch.cat(
-        [
-            sample(half, seq_len, 0.8, seed=derive_seed(seed, "reference", 8)),
-            sample(n - half, seq_len, 0.98, seed=derive_seed(seed, "reference", 98)),
-        ]
-    )
-    masses, wshares = [], []
-    for lo in range(0, len(toks), chunk):
-        t = toks[lo : lo + chunk]
-        rd = reads(t)
-        sc = ffl.predict_reads(t)
-        ok = ~sc.error
-        rows = attention_rows(ffl, t, rd.pos[ok], rd.batch[ok])  # n layer head key
-        wp = rd.write_pos[ok]
-        idx = torch.arange(len(wp))
-        on_w = rows[idx, :, :, wp]
-        on_b = rows[idx, :, :, wp + 1]
+def reference_stats(ffl, seq_len: int, n: int = 64, chunk: int = 8) -> ReferenceStats:
+    """Name the read heads on the standard in-distribution set (first ``n`` sequences at
+    ``seq_len``) by :func:`~ffinterp.analysis.attention.detect_read_heads`' score and rule
+    (mean last-write mass over reads past the opening write, :func:`name_heads`), and
+    measure how every head attends on the reads the model gets right."""
+    tokens = eval_set("in", n, seq_len)
+    masses, shares, oks, past_opening = [], [], [], []
+    for part in tokens.split(chunk):  # one hooked pass serves detection and the statistics
+        rd = reads(part)
+        rows = read_rows(ffl, part, rd).cpu()
+        idx = torch.arange(len(rd))
+        on_w, on_b = rows[idx, :, :, rd.write_pos], rows[idx, :, :, rd.write_pos + 1]
         masses.append(on_w + on_b)
-        wshares.append(on_w / (on_w + on_b).clamp_min(1e-9))
-    m = torch.cat(masses)
-    ws = torch.cat(wshares)
-    mean = m.mean(0)
-    p05 = torch.quantile(m, 0.05, dim=0) if len(m) else mean
-    flat = mean.flatten()
-    heads = [(int(k) // mean.shape[1], int(k) % mean.shape[1]) for k in (flat >= 0.5).nonzero().flatten()]
-    if not heads:
-        k = int(flat.argmax())
-        heads = [(k // mean.shape[1], k % mean.shape[1])]
-    heads.sort(key=lambda lh: -float(mean[lh]))
-    return ReferenceStats(mean, p05, ws.mean(0), heads, len(m))
+        shares.append(on_w / (on_w + on_b).clamp_min(1e-9))
+        oks.append(~score_tokens(ffl.fast, part, device=ffl.device).error)
+        past_opening.append(rd.write_pos >= START_TOKENS)
+    m, s, ok = torch.cat(masses), torch.cat(shares), torch.cat(oks)
+    # detect_read_heads' rule on detect_read_heads' score (reads past the opening write)
+    score = m[torch.cat(past_opening)].mean(0) if torch.cat(past_opening).any() else m.mean(0)
+    heads, passed = name_heads(score)
+    det = {"score": [[round(float(x), 4) for x in row] for row in score], "passed": passed, "reference": "in"}
+    if not ok.any():  # a model that gets nothing right: no typical behaviour to compare
+        z = torch.zeros(ffl.n_layers, ffl.n_heads)
+        return ReferenceStats(z, z, z + 0.5, heads, det, 0)
+    m, s = m[ok], s[ok]
+    return ReferenceStats(m.mean(0), torch.quantile(m, 0.05, dim=0), s.mean(0), heads, det, len(m))
 
 
-def categorize(row: Tensor, tokens: Tensor, read_pos: int) -> dict[str, float]:
-    """Attention mass of one query row by what the keys are (pairs: instruction + bit)."""
+def failure_mode(row: Tensor, tokens: Tensor, read_pos: int, typical: float, low: float) -> dict:
+    """One read head's failure, from its attention row at the read:
+
+    * wrong write: an earlier write holds more mass than the last write (its bit, distance);
+    * start drift: the opening pair holds more mass than the last write;
+    * dilution: the last write still leads but holds less than ``low`` (the head's 5th
+      percentile on correct reads), the rest spread over other keys;
+    * other: the attention looks normal; the error comes from elsewhere.
+    """
     t = tokens.tolist()
     lw = int(last_write_pos(tokens[None])[0, read_pos])
-    bit = t[lw + 1]
-    out = dict.fromkeys(CATEGORIES, 0.0)
-    for p in range(0, read_pos + 1, 2):
-        mass = _pair_mass(row[: read_pos + 1], p)
-        if p == lw:
-            out["last_write"] += mass
-        elif p < START_TOKENS:
-            out["start"] += mass
-        elif t[p] == W:
-            out["earlier_write_same_bit" if t[p + 1] == bit else "earlier_write_opposite_bit"] += mass
-        elif t[p] == R:
-            out["reads"] += mass
-        else:
-            out["ignores"] += mass
-    return {k: round(v, 4) for k, v in out.items()}
-
-
-def top_positions(row: Tensor, tokens: Tensor, read_pos: int, k: int = 3) -> list[dict]:
-    """The ``k`` keys with the most attention: position, token, mass, distance to the read."""
     r = row[: read_pos + 1]
-    vals, idx = torch.topk(r, min(k, len(r)))
-    return [
-        {
-            "pos": int(p),
-            "token": VOCAB[int(tokens[p])],
-            "mass": round(float(v), 4),
-            "distance": read_pos - int(p),
-        }
-        for v, p in zip(vals, idx)
-    ]
-
-
-def failure_mode(row: Tensor, tokens: Tensor, read_pos: int, typical: float) -> dict:
-    """dilution (mass spread thin), wrong write (locked on an earlier write), start drift
-    (mass on the first tokens) or other, from one read head's attention row."""
-    t = tokens.tolist()
-    lw = int(last_write_pos(tokens[None])[0, read_pos])
-    pairs = {p: _pair_mass(row[: read_pos + 1], p) for p in range(0, read_pos + 1, 2)}
+    pairs = {p: float(r[p : p + 2].sum()) for p in range(0, read_pos + 1, 2)}
     best = max(pairs, key=lambda p: (pairs[p], -p))
     lw_mass = pairs[lw]
     if best != lw and best >= START_TOKENS and t[best] == W and pairs[best] > lw_mass:
@@ -158,27 +108,32 @@ def failure_mode(row: Tensor, tokens: Tensor, read_pos: int, typical: float) -> 
             "distance": read_pos - best,
             "mass": round(pairs[best], 4),
         }
-    start = sum(pairs[p] for p in pairs if p < START_TOKENS) if lw >= START_TOKENS else 0.0
+    start = pairs[0] if lw >= START_TOKENS else 0.0
     if start >= 0.3 and start > lw_mass:
         return {"label": "start drift", "mass": round(start, 4)}
-    if pairs[best] < 0.35 and lw_mass < 0.5 * typical:
-        ent = -float(sum(m * np.log(max(m, 1e-12)) for m in pairs.values()))
-        return {"label": "dilution", "max_pair_mass": round(pairs[best], 4), "entropy": round(ent, 3)}
+    if lw_mass < low:
+        ent = -sum(m * math.log(max(m, 1e-12)) for m in pairs.values())
+        return {
+            "label": "dilution",
+            "last_write_mass": round(lw_mass, 4),
+            "typical": round(typical, 4),
+            "entropy": round(ent, 3),
+        }
     return {"label": "other", "max_pair_mass": round(pairs[best], 4), "at": best}
 
 
 class Diagnoser:
-    """Diagnoses glitches of one model; the reference statistics are computed once."""
+    """Diagnoses glitches of one model; read heads and reference statistics come once."""
 
-    def __init__(self, ffl, seq_len: int, seed: int = 0, n_reference: int = 64):
+    def __init__(self, ffl, seq_len: int, n_reference: int = 64):
         self.ffl = ffl
-        self.ref = reference_stats(ffl, seq_len, seed=seed, n=n_reference)
+        self.ref = reference_stats(ffl, seq_len, n=n_reference)
 
     def patch_to_last_write(
-        self, tokens: Tensor, read_pos: int, heads: list[tuple[int, int]]
+        self, tokens: Int[Tensor, " seq"], read_pos: int, heads: list[tuple[int, int]]
     ) -> tuple[str, float]:
-        """Rerun with ``heads`` attending only to the last write at the read (split between the
-        ``w`` and its bit as on correct reads); return the new prediction and margin."""
+        """Rerun with ``heads`` attending only to the last write at the read (split between
+        its ``w`` and its bit as on correct reads); the new prediction and margin."""
         lw = int(last_write_pos(tokens[None])[0, read_pos])
         by_layer: dict[int, list[int]] = {}
         for l, h in heads:
@@ -205,27 +160,25 @@ class Diagnoser:
         return VOCAB[int(at.argmax())], float(at[bit] - others.max())
 
     def diagnose(self, tokens: Int[Tensor, " seq"], read_pos: int) -> dict:
-        """The diagnosis record stored with a glitch in ``glitches.jsonl``."""
-        tokens = torch.as_tensor(tokens).cpu()
-        rows = attention_rows(self.ffl, tokens[None], torch.tensor([read_pos]))[0]  # layer head key
-        lw = int(last_write_pos(tokens[None])[0, read_pos])
+        """The diagnosis stored with a glitch in ``glitches.jsonl``."""
+        tokens = torch.as_tensor(tokens).cpu().long()
+        ra = read_attention(self.ffl, tokens[None], top_k=3, keep_rows=True, batch_size=1)
+        k = int((ra.reads.pos == read_pos).nonzero()[0])
         heads = []
         for l, h in self.ref.read_heads:
-            row = rows[l, h]
+            typical = float(self.ref.mean[l, h])
+            low = float(self.ref.p05[l, h]) if self.ref.n_reads else 0.5
             heads.append(
                 {
-                    "head": f"L{l}H{h}",
-                    "layer": l,
-                    "index": h,
-                    "last_write_mass": round(_pair_mass(row, lw), 4),
-                    "typical_last_write_mass": round(float(self.ref.mean[l, h]), 4),
+                    "head": head_name(l, h),
+                    "last_write_mass": round(float(ra.last_write_mass[k, l, h]), 4),
+                    "typical_last_write_mass": round(typical, 4),
                     "p05_last_write_mass": round(float(self.ref.p05[l, h]), 4),
-                    "categories": categorize(row, tokens, read_pos),
-                    "top_positions": top_positions(row, tokens, read_pos),
-                    "mode": failure_mode(row, tokens, read_pos, float(self.ref.mean[l, h])),
+                    "categories": {c: round(v, 4) for c, v in ra.categories_of(k, l, h).items()},
+                    "top_positions": [{**p, "mass": round(p["mass"], 4)} for p in ra.top(k, l, h)],
+                    "mode": failure_mode(ra.rows[k, l, h], tokens, read_pos, typical, low),
                 }
             )
-        primary = heads[0]
         pred, margin = self.patch_to_last_write(tokens, read_pos, self.ref.read_heads)
         causal = {
             "intervention": "read heads attend only to the last write at the read",
@@ -239,26 +192,15 @@ class Diagnoser:
             for lh in self.ref.read_heads:
                 p1, m1 = self.patch_to_last_write(tokens, read_pos, [lh])
                 one = {"prediction": p1, "margin": round(m1, 4), "fixed": m1 > 0}
-                causal["per_head"][f"L{lh[0]}H{lh[1]}"] = one
+                causal["per_head"][head_name(*lh)] = one
         return {
+            "label": heads[0]["mode"]["label"],
             "read_heads": heads,
-            "label": primary["mode"]["label"],
-            "mode": primary["mode"],
+            "mode": heads[0]["mode"],
             "causal": causal,
             "reference_reads": self.ref.n_reads,
+            "read_heads_passed_threshold": bool(self.ref.detection["passed"]),
         }
 
 
-__all__ = [
-    "CATEGORIES",
-    "Diagnoser",
-    "ReferenceStats",
-    "attention_rows",
-    "categorize",
-    "failure_mode",
-    "reference_stats",
-    "top_positions",
-    "ONE",
-    "ZERO",
-    "I",
-]
+__all__ = ["LABELS", "Diagnoser", "ReferenceStats", "attention_rows", "failure_mode", "reference_stats"]

@@ -11,6 +11,17 @@ Resuming: work comes in deterministic units (see :mod:`~ffinterp.analysis.search
 ``state.json`` (written atomically after each unit) says which unit comes next; the unit
 running at a kill is redone, and glitches it had already written are skipped by their key
 (text, read position). A torn last line of the JSONL is dropped.
+
+Under ``torchrun`` (see :mod:`ffinterp.distributed`) the search runs in *rounds*: in a
+round starting at unit ``u`` rank ``r`` runs unit ``u + r``, then rank 0 gathers every
+rank's glitches and counters, merges them in unit order (dedup, ``max_glitches``), alone
+appends to the JSONL and saves the state, and broadcasts the agreed state. With one process
+a round is one unit, so the single-process run is the same loop. Sampling strategies have
+a fixed cost per unit, so a unit starts at the same place in its stream whoever runs it:
+the glitches and counts are those of one process for any world size, and ``next_unit``
+means the same for any world size, so ``--resume`` may use another one. Searches that stop
+early (evolve, gradient) split the budget left evenly each round and seed restarts with the
+best candidates every rank found in the last round (island-model migration).
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ffinterp import distributed
 from ffinterp.analysis.report import GlitchReport, write_json_atomic
 from ffinterp.analysis.search import (
     BudgetSpent,
@@ -37,7 +49,7 @@ from ffinterp.analysis.search import (
     resolve_strategies,
 )
 from ffinterp.errors import FFInterpError
-from ffinterp.language import VOCAB, reads, to_text
+from ffinterp.language import VOCAB, from_text, reads, to_text
 from ffinterp.scoring import score_tokens
 
 log = logging.getLogger("ffinterp.glitches")
@@ -111,7 +123,9 @@ class GlitchFinder:
         batch_size: int = 256,
         max_glitches: int = 100,
         progress: bool = False,
+        dist: distributed.Dist | None = None,
     ):
+        self.dist = dist if dist is not None else distributed.current()
         if budget < 1:
             raise FFInterpError(f"budget must be at least 1 sequence, got {budget}")
         if batch_size < 1:
@@ -136,7 +150,7 @@ class GlitchFinder:
         self.seen: set[tuple[str, int]] = set()
         n = len(self.strategies)
         self.budgets = [budget // n + (1 if k < budget % n else 0) for k in range(n)]
-        self.fingerprint = {
+        fingerprint = {
             "version": STATE_VERSION,
             "model": _model_digest(self.fast),
             "strategies": [s.params() for s in self.strategies],
@@ -149,9 +163,10 @@ class GlitchFinder:
             "diagnose": diagnose,
             "max_glitches": max_glitches,
         }
+        self.fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back (tuples -> lists)
         self.state = self._fresh_state()
         if self.out is not None:
-            self._open_out(resume)
+            self._open_shared_out(resume)
 
     # ------------------------------------------------------------ state and files
 
@@ -216,13 +231,34 @@ class GlitchFinder:
             self.jsonl.write_text("")
         self.seen = {(g["text"], g["read_pos"]) for g in self.glitches}
 
+    def _open_shared_out(self, resume: bool) -> None:
+        """Rank 0 alone opens (or resumes) the output folder; the others adopt its state."""
+        if not self.dist.active:
+            self._open_out(resume)
+            return
+        error = None
+        if self.dist.is_main:
+            try:
+                self._open_out(resume)
+            except FFInterpError as e:
+                error = e
+        self.dist.agree(error)
+        self.state, self.glitches = self.dist.broadcast((self.state, self.glitches))
+        self.seen = {(g["text"], g["read_pos"]) for g in self.glitches}
+
     def _save_state(self) -> None:
-        if self.out is not None:
+        if self.out is not None and self.dist.is_main:
             write_json_atomic(self.state_path, self.state)
 
     def _append(self, record: dict) -> None:
         self.glitches.append(record)
         self.seen.add((record["text"], record["read_pos"]))
+        if not self.dist.active:  # several ranks: rank 0 writes the merged round (_write)
+            self._write(record)
+
+    def _write(self, record: dict) -> None:
+        """Append one whole line to the JSONL and fsync it (a kill leaves at most a torn
+        last line, which resuming drops)."""
         if self.out is not None:
             with open(self.jsonl, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record, separators=(",", ":")) + "\n")
@@ -236,12 +272,14 @@ class GlitchFinder:
         t0 = time.perf_counter()
         wall_before = float(self.state.get("wall_s", 0.0))
         bar = None
-        if self.progress:
+        if self.progress and self.dist.is_main:
             from tqdm.auto import tqdm
 
             done = sum(st["scored"] for st in self.state["strategies"].values())
             bar = tqdm(total=self.budget, initial=done, unit="seq", desc="find-glitches", dynamic_ncols=True)
         self._bar = bar
+        # On an exception the state file keeps the last unit boundary (written by
+        # _run_strategy); saving the live state here would count a half unit twice.
         try:
             for strategy, share in zip(self.strategies, self.budgets):
                 if len(self.glitches) >= self.max_glitches:
@@ -250,18 +288,27 @@ class GlitchFinder:
         finally:
             if bar is not None:
                 bar.close()
-            self.state["wall_s"] = wall_before + time.perf_counter() - t0
-            self._save_state()
+        self.state["wall_s"] = wall_before + time.perf_counter() - t0
+        self._save_state()
         report = GlitchReport(self.glitches, self.summary(), model=self.ffl)
-        if self.out is not None:
+        if self.out is not None and self.dist.is_main:
             write_json_atomic(self.out / "summary.json", report.summary)
             report.save_html(self.out / "report.html")
         return report
 
     def _run_strategy(self, strategy: Strategy, share: int) -> None:
-        st = self.state["strategies"][strategy.name]
-        if st["done"]:
+        """Rounds of one unit per rank (one unit in a single process) until the strategy's
+        share of the budget is spent or ``max_glitches`` are found."""
+        if self.state["strategies"][strategy.name]["done"]:
             return
+        d = self.dist
+        elites: list[tuple[float, str]] = []
+
+        def on_scored(sc: Scored, origins: list[dict], record: int | None) -> None:
+            if track:
+                _keep_best(elites, sc)
+            self._on_scored(strategy, ctx, sc, origins, record)
+
         ctx = SearchContext(
             self.fast,
             self.seq_len,
@@ -270,36 +317,104 @@ class GlitchFinder:
             batch_size=self.batch_size,
             device=self.device,
             strategy=strategy.name,
-            on_scored=lambda sc, origins, record: self._on_scored(strategy, ctx, sc, origins, record),
+            on_scored=on_scored,
         )
-        ctx.scored, ctx.grad_evals = st["scored"], st["grad_evals"]
-        if st["best_margin"] is not None:
-            ctx.best_margin = st["best_margin"]
-        unit = st["next_unit"]
-        while not ctx.done and len(self.glitches) < self.max_glitches:
-            before = ctx.scored
-            try:
-                strategy.run(ctx, unit)
-            except BudgetSpent:
+        cost = strategy.unit_cost(ctx)
+        track = d.active and cost is None  # searches that stop early exchange their best
+        while not self.state["strategies"][strategy.name]["done"]:
+            st = self.state["strategies"][strategy.name]
+            unit = st["next_unit"] + d.rank
+            agreed, n0 = copy.deepcopy(self.state), len(self.glitches)
+            if cost is not None:  # a fixed-cost unit starts where one process would start it
+                ctx.scored, ctx.budget = unit * cost, share
+            else:  # an even split of the budget left
+                left = share - st["scored"]
+                ctx.scored = st["scored"]
+                ctx.budget = st["scored"] + left // d.world_size + int(d.rank < left % d.world_size)
+            ctx.grad_evals, ctx.stopped = st["grad_evals"], False
+            ctx.best_margin = float("inf") if st["best_margin"] is None else st["best_margin"]
+            ctx.migrants = self._migrants(strategy.name) if track else None
+            elites.clear()
+            start, grads = ctx.scored, ctx.grad_evals
+            if not ctx.done and len(self.glitches) < self.max_glitches:
+                try:
+                    strategy.run(ctx, unit)
+                except BudgetSpent:
+                    pass
+                else:
+                    if ctx.scored == start:
+                        raise FFInterpError(
+                            f"internal error: strategy {strategy.name!r} scored nothing in unit {unit}"
+                        )
+            mine = {
+                "unit": unit,
+                "scored": ctx.scored - start,
+                "grad_evals": ctx.grad_evals - grads,
+                "best_margin": ctx.best_margin,
+                "state": self.state,
+                "records": self.glitches[n0:],
+                "elites": list(elites),
+            }
+            if d.active:  # back to the agreed state; rank 0 merges everyone's round into it
+                self.state, self.glitches = agreed, self.glitches[:n0]
+            merged = self._merge_round(strategy, share, agreed, n0, d.gather(mine)) if d.is_main else None
+            self._adopt(d.broadcast(merged), n0)
+
+    def _merge_round(self, strategy: Strategy, share: int, base: dict, n0: int, results: list[dict]) -> dict:
+        """Rank 0: fold a round's units into the agreed state in unit order, as one process
+        would have run them: glitches deduplicated and renumbered, counts added, and nothing
+        after the unit that reached ``max_glitches``."""
+        state = copy.deepcopy(base)
+        st = state["strategies"][strategy.name]
+        kept = self.glitches[:n0]
+        seen = {(g["text"], g["read_pos"]) for g in kept}
+        accepted: list[dict] = []
+        elites: list[tuple[float, str]] = []
+        for res in sorted(results, key=lambda r: r["unit"]):
+            if res["scored"] == 0:
+                continue
+            _add_counts(state, base, res["state"])
+            st["scored"] += res["scored"]
+            st["grad_evals"] += res["grad_evals"]
+            st["next_unit"] = res["unit"] + 1
+            if res["best_margin"] != float("inf"):
+                st["best_margin"] = min(res["best_margin"], st["best_margin"] or float("inf"))
+            elites += res["elites"]
+            for rec in res["records"]:
+                key = (rec["text"], rec["read_pos"])
+                if len(kept) + len(accepted) >= self.max_glitches:
+                    break
+                if key not in seen:
+                    seen.add(key)
+                    accepted.append({**rec, "id": n0 + len(accepted)})
+            if len(kept) + len(accepted) >= self.max_glitches:
                 break
-            if ctx.scored == before:
-                raise FFInterpError(
-                    f"internal error: strategy {strategy.name!r} scored nothing in unit {unit}"
-                )
-            unit += 1
-            st.update(
-                next_unit=unit,
-                scored=ctx.scored,
-                grad_evals=ctx.grad_evals,
-                best_margin=ctx.best_margin if ctx.best_margin != float("inf") else None,
-            )
-            self._save_state()
-        st.update(
-            scored=ctx.scored,
-            grad_evals=ctx.grad_evals,
-            best_margin=ctx.best_margin if ctx.best_margin != float("inf") else None,
-            done=ctx.remaining <= 0 or len(self.glitches) >= self.max_glitches,
-        )
+        st["done"] = st["scored"] >= share or len(kept) + len(accepted) >= self.max_glitches
+        if self.dist.active:
+            shard = state.setdefault("shard", {"world_size": self.dist.world_size, "migrants": {}})
+            shard["world_size"] = self.dist.world_size
+            if elites:
+                best = dict(sorted(elites, reverse=True))  # text -> its lowest margin
+                shard["migrants"][strategy.name] = sorted(best.items(), key=lambda tm: tm[1])[:MIGRANTS]
+        return {"state": state, "records": accepted}
+
+    def _adopt(self, merged: dict, n0: int) -> None:
+        """Every rank: take the agreed state of the round; rank 0 writes it (lines first, then
+        the state, so a kill in between only makes the resumed round skip known glitches)."""
+        self.state = merged["state"]
+        self.glitches = self.glitches[:n0] + merged["records"]
+        self.seen = {(g["text"], g["read_pos"]) for g in self.glitches}
+        if self.dist.active and self.dist.is_main:
+            for rec in merged["records"]:
+                self._write(rec)
+        self._save_state()
+        if getattr(self, "_bar", None) is not None:
+            self._bar.n = sum(s["scored"] for s in self.state["strategies"].values())
+            self._bar.refresh()
+
+    def _migrants(self, name: str):
+        texts = self.state.get("shard", {}).get("migrants", {}).get(name)
+        return from_text([t for t, _ in texts]) if texts else None
 
     def _on_scored(self, strategy: Strategy, ctx: SearchContext, sc: Scored, origins: list[dict], record):
         st = self.state["strategies"][strategy.name]
@@ -315,7 +430,7 @@ class GlitchFinder:
             h = self.state[key]
             h["reads"] = [x + y for x, y in zip(h["reads"], reads_h)]
             h["errors"] = [x + y for x, y in zip(h["errors"], errs_h)]
-        scored_now = ctx.scored + len(sc.tokens)
+        scored_now = ctx.scored  # already counts this batch
         if self._bar is not None:
             self._bar.update(len(sc.tokens))
         if bool(err.any()):
@@ -426,7 +541,7 @@ class GlitchFinder:
         from ffinterp.analysis.diagnose import Diagnoser
 
         if self._diagnoser is None:
-            self._diagnoser = Diagnoser(self.ffl, seq_len=self.seq_len, seed=self.seed)
+            self._diagnoser = Diagnoser(self.ffl, seq_len=self.seq_len)
         return self._diagnoser.diagnose(tokens, pos)
 
     # ------------------------------------------------------------ results
@@ -478,6 +593,42 @@ def _rates(h: dict, edges: list[int]) -> list[dict]:
         if n:
             out.append({"lo": lo, "hi": hi, "reads": n, "errors": e, "rate": e / n})
     return out
+
+
+MIGRANTS = 8  # best candidates each rank's evolve/gradient restarts share per round
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _add_counts(into: dict, base: dict, after: dict) -> None:
+    """Add what one unit counted (``after`` minus ``base``) into ``into``: numbers and
+    fixed-length lists of numbers add up, other lists gain the unit's new items, the rest
+    (flags, fingerprints) is left alone. Generic, so new counters merge without changes here."""
+    for key, a in after.items():
+        b = base.get(key)
+        if key not in base:
+            into[key] = copy.deepcopy(a)
+        elif isinstance(b, dict) and isinstance(a, dict):
+            _add_counts(into[key], b, a)
+        elif _is_count(a) and _is_count(b):
+            into[key] += a - b
+        elif isinstance(a, list) and isinstance(b, list):
+            if a and len(a) == len(b) and all(_is_count(x) for x in a + b):
+                into[key] = [x + y - z for x, y, z in zip(into[key], a, b)]
+            else:
+                into[key] = into[key] + copy.deepcopy(a[len(b) :])
+
+
+def _keep_best(elites: list[tuple[float, str]], sc: Scored) -> None:
+    """Remember a batch's lowest-margin rows that are not glitches yet: what migrates."""
+    ok = (sc.min_margin >= 0).nonzero().flatten()
+    if len(ok):
+        best = ok[torch.argsort(sc.min_margin[ok], stable=True)][:MIGRANTS]
+        elites += [(float(sc.min_margin[r]), str(to_text(sc.tokens[r]))) for r in best.tolist()]
+        elites.sort()
+        del elites[4 * MIGRANTS :]
 
 
 def _tokens(text: str):
@@ -532,6 +683,7 @@ def find_glitches(
     batch_size: int = 256,
     max_glitches: int = 100,
     progress: bool = False,
+    dist: distributed.Dist | None = None,
 ) -> GlitchReport:
     """Search ``model`` for attention glitches and return a :class:`GlitchReport`.
 
@@ -541,7 +693,8 @@ def find_glitches(
     on the fast model, shared equally. With ``out``, glitches are appended to
     ``out/glitches.jsonl`` as found and ``summary.json`` and ``report.html`` are written at the
     end; ``resume`` continues a killed run there. The same seed on the same device gives the
-    same glitches.
+    same glitches. Under ``torchrun`` (``dist``: default :func:`ffinterp.distributed.current`)
+    every rank calls this; the ranks share the work and rank 0 alone writes ``out``.
     """
     return GlitchFinder(
         model,
@@ -558,6 +711,7 @@ def find_glitches(
         batch_size=batch_size,
         max_glitches=max_glitches,
         progress=progress,
+        dist=dist,
     ).run()
 
 

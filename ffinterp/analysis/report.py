@@ -18,6 +18,7 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
@@ -135,10 +136,9 @@ class GlitchReport:
 
     def heatmap(self, k: int):
         """Attention of every head from glitch ``k``'s read (rows) over the keys (columns)."""
-        import plotly.graph_objects as go
-
         from ffinterp.analysis.diagnose import attention_rows
         from ffinterp.language import from_text
+        from ffinterp.viz import heatmap, token_labels
 
         if self.model is None or getattr(self.model, "hooked", None) is None:
             raise ValueError("heatmaps need the report's model with a hooked view")
@@ -150,18 +150,21 @@ class GlitchReport:
         read_heads = {h["head"] for h in (g.get("diagnosis") or {}).get("read_heads", [])}
         names = [f"L{l}H{h}" for l in range(n_layer) for h in range(n_head)]
         labels = [f"{n} *" if n in read_heads else n for n in names]
-        z = rows.reshape(n_layer * n_head, -1)[:, : pos + 1].numpy()
-        x = [f"{p}:{g['text'][p]}" for p in range(pos + 1)]
-        fig = go.Figure(go.Heatmap(z=z, x=x, y=labels, colorscale="Viridis", zmin=0, zmax=1))
+        z = rows.reshape(n_layer * n_head, -1)[:, : pos + 1]
         lw = g["last_write_pos"]
-        fig.add_vline(x=lw, line_color="red", line_dash="dot")
-        fig.update_layout(
-            title=f"glitch #{g['id']}: attention from the read at {pos} "
-            f"(last write at {lw}, red; * read head)",
-            height=120 + 18 * len(labels),
-            margin=dict(l=70, r=20, t=40, b=40),
-            xaxis=dict(showticklabels=pos < 130),
+        fig = heatmap(
+            z,
+            token_labels(tokens[: pos + 1]),
+            labels,
+            title=f"glitch #{g['id']}: every head's attention from the read at {pos} "
+            f"(last write at {lw}, boxed; * read head)",
+            xlabel="key",
+            ylabel="head",
+            zmin=0,
+            zmax=1,
         )
+        fig.add_vrect(x0=lw - 0.5, x1=lw + 1.5, line_color="red", line_width=2, fillcolor="rgba(0,0,0,0)")
+        fig.update_layout(height=160 + 22 * len(labels), xaxis=dict(showticklabels=pos < 130))
         return fig
 
     # ------------------------------------------------------------ html
@@ -222,29 +225,17 @@ class GlitchReport:
         )
 
     def to_html(self, max_heatmaps: int = 20) -> str:
-        """A self-contained offline page: plotly.js inlined once, then every figure."""
-        figs = [self.plot()]
-        titles = ["Error rate of the scored reads by gap and decoy count"]
+        """A self-contained offline page (plotly.js inlined once): summary, table, charts of
+        error rate against gap and decoys, and the heatmap of the top glitches' read."""
+        from ffinterp.viz import figures_html
+
+        items: list = ["<h2>Error rate of the scored reads by gap and decoy count</h2>", self.plot()]
         if self.model is not None and getattr(self.model, "hooked", None) is not None:
             for g in self.top(max_heatmaps):
-                figs.append(self.heatmap(self.glitches.index(g)))
-                titles.append(f"Glitch #{g['id']}: read-head attention")
-        parts = []
-        for k, (fig, title) in enumerate(zip(figs, titles)):
-            div = fig.to_html(full_html=False, include_plotlyjs=(k == 0), config={"displaylogo": False})
-            parts.append(f"<h2>{html.escape(title)}</h2>{div}")
-        style = (
-            "body{font-family:system-ui,sans-serif;margin:2em;}table{border-collapse:collapse;margin:1em 0;}"
-            "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left;}"
-            "code{font-size:12px;}"
-        )
-        name = html.escape(str(self.summary.get("model")))
-        return (
-            "<!DOCTYPE html><html><head><meta charset='utf-8'><title>ffinterp glitch report</title>"
-            f"<style>{style}</style></head><body><h1>Attention glitches: {name}"
-            f"</h1>{self._summary_table()}<h2>Verified glitches</h2>{self._glitch_table()}"
-            f"{''.join(parts)}</body></html>"
-        )
+                fig = self.heatmap(self.glitches.index(g))
+                items += [f"<h2>Glitch #{g['id']}: attention at the read</h2>", fig]
+        intro = f"{self._summary_table()}<h2>Verified glitches</h2>{self._glitch_table()}"
+        return figures_html(items, title=f"Attention glitches: {self.summary.get('model')}", intro=intro)
 
     def save_html(self, path: str | os.PathLike, max_heatmaps: int = 20) -> Path:
         """Write :meth:`to_html` atomically."""

@@ -154,6 +154,9 @@ class SearchContext:
         self.grad_evals = 0
         self.best_margin = float("inf")
         self.stopped = False
+        # Under torchrun: the best candidates other ranks found so far (island-model
+        # migration for evolve and gradient); None in a single process.
+        self.migrants: Int[Tensor, "m seq"] | None = None
 
     @property
     def remaining(self) -> int:
@@ -297,6 +300,12 @@ class Strategy:
     def run(self, ctx: SearchContext, unit: int) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def unit_cost(self, ctx: SearchContext) -> int | None:
+        """Sequences every unit scores, if fixed (a sampling stream): then unit k starts at
+        sequence k * cost of the stream, so ranks can take units in any split and still score
+        exactly what one process would. None (searches that stop early) splits the budget."""
+        return None
+
     def params(self) -> dict:
         """The record's fields, for summaries and the resume fingerprint."""
         return {"name": self.name, **asdict(self)}
@@ -351,6 +360,9 @@ class Random(Strategy):
     name: ClassVar[str] = "random"
     p_is: tuple[float, ...] = SWEEP
 
+    def unit_cost(self, ctx: SearchContext) -> int:
+        return ctx.batch_size
+
     def run(self, ctx: SearchContext, unit: int) -> None:
         j = unit % len(self.p_is)
         p = self.p_is[j]
@@ -390,19 +402,20 @@ def _family_long_gap(rng, b, s, gap_frac, prefix_p_i):
 
 
 def _family_decoys(rng, b, s, n_decoys, gap_frac, near):
-    """Many earlier writes of the opposite bit before the last write, then a gap."""
+    """Earlier writes of the opposite bit (decoys: the opening write and ``n_decoys`` more,
+    packed right before the last write when ``near``, else spread over the prefix), then a
+    gap with a few reads probing it."""
     gap = max(1, min(s - 3, round(gap_frac * (s - 1))))
     a = s - 1 - gap
-    instr = np.full((b, s), I)
+    instr = np.where(rng.random((b, s)) < 0.1, R, I)
+    instr[:, : a + 1] = I
     bits = rng.integers(0, 2, (b, s))
     bit = rng.integers(0, 2, b)
     k = min(n_decoys, a - 1)
     for row in range(b):
-        lo = max(1, a - 2 * k) if near else 1
-        pos = rng.choice(np.arange(lo, a), size=min(k, a - lo), replace=False) if a > lo else []
+        pos = np.arange(a - k, a) if near else rng.choice(np.arange(1, a), size=k, replace=False)
         instr[row, pos] = W
         bits[row, pos] = 1 - bit[row]
-        instr[row, 0] = W
         bits[row, 0] = 1 - bit[row]
     instr[:, a] = W
     bits[:, a] = bit
@@ -462,7 +475,7 @@ FAMILIES: dict[str, tuple[Callable, list[dict]]] = {
         _family_decoys,
         [
             dict(n_decoys=n, gap_frac=g, near=near)
-            for n in (4, 16, 64)
+            for n in (2, 4, 8, 32)
             for g in (0.1, 0.5, 0.9)
             for near in (1, 0)
         ],
@@ -510,6 +523,9 @@ class Families(Strategy):
         unknown = [f for f in self.families if f not in FAMILIES]
         if unknown:
             raise FFInterpError(f"unknown families {unknown} (known: {', '.join(FAMILIES)})")
+
+    def unit_cost(self, ctx: SearchContext) -> int:
+        return ctx.batch_size
 
     def run(self, ctx: SearchContext, unit: int) -> None:
         grid = family_grid(self.families)
@@ -578,6 +594,9 @@ class Evolve(Strategy):
         ps = rng.choice(np.asarray(self.p_is), size=pop_n)
         instr = np.stack([_ffl_slots(rng, (1, ctx.seq_len // 2), float(p))[0] for p in ps])
         pop = assemble(instr, rng.integers(0, 2, instr.shape))
+        if ctx.migrants is not None and len(ctx.migrants):  # other ranks' best candidates
+            m = min(len(ctx.migrants), pop_n // 4)
+            pop[pop_n - m :] = ctx.migrants[:m]
         sc = ctx.score(pop, origin={"restart": unit, "generation": 0}, record=1)
         if bool((sc.min_margin < 0).any()):
             return
@@ -639,6 +658,8 @@ class Gradient(Strategy):
         p = float(self.p_is[unit % len(self.p_is)])
         instr = _ffl_slots(rng, (1, ctx.seq_len // 2), p)
         x = assemble(instr, rng.integers(0, 2, instr.shape))
+        if ctx.migrants is not None and len(ctx.migrants) and rng.random() < 0.5:
+            x = ctx.migrants[int(rng.integers(len(ctx.migrants)))][None].clone()  # another rank's best
         sc = ctx.score(x, origin={"restart": unit, "step": 0, "p_i": p}, record=1)
         if float(sc.min_margin[0]) < 0:
             return

@@ -42,13 +42,16 @@ def find_glitches_cmd(
         fail(f"--batch-size must be at least 1, got {batch_size}")
     if device != "auto" and not (device == "cpu" or device.startswith("cuda")):
         fail(f"--device must be auto, cpu or cuda[:N], got {device!r}")
+    from ffinterp import distributed
+
     spec = ckpt or PREFIX + DEFAULT_MODEL
+    dist = distributed.init(device)  # under torchrun: shared work, rank 0 writes and prints
     report = find_glitches(
         spec,
         strategy,
         budget,
         seed=seed,
-        device=device,
+        device=dist.device if dist.active else device,
         out=out,
         minimize=not no_minimize,
         diagnose=not no_diagnose,
@@ -57,7 +60,10 @@ def find_glitches_cmd(
         batch_size=batch_size,
         max_glitches=max_glitches,
         progress=not quiet,
+        dist=dist,
     )
+    if not dist.is_main:
+        return
     s = report.summary
     typer.echo(
         f"{len(report)} verified glitches in {s['scored']:,} sequences scored "

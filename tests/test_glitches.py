@@ -1,0 +1,316 @@
+"""The glitch finder on tiny models at T=64: real errors only, valid candidates, resume,
+determinism, registry extension, the report and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import torch
+
+from ffinterp.analysis import glitches as gl
+from ffinterp.analysis.glitches import GlitchFinder, find_glitches, read_jsonl
+from ffinterp.analysis.minimize import minimize
+from ffinterp.analysis.search import (
+    STRATEGIES,
+    SearchContext,
+    Strategy,
+    assemble,
+    get_strategy,
+    register,
+)
+from ffinterp.checkpoints import save_checkpoint
+from ffinterp.errors import FFInterpError
+from ffinterp.hooked import FFLModel
+from ffinterp.language import I, from_text, reads, validate
+from ffinterp.models.gpt import GPT, GPTConfig
+from ffinterp.scoring import score_tokens
+
+T = 64
+
+
+def tiny_gpt(seed: int = 0) -> GPT:
+    """An untrained tiny GPT: it errs often, so every test finds glitches in a few batches."""
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=T)).eval()
+
+
+@pytest.fixture(scope="module")
+def ffl() -> FFLModel:
+    return FFLModel.from_fast(tiny_gpt(), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("glitch-model") / "ckpt.pt"
+    save_checkpoint(path, tiny_gpt())
+    return str(path)
+
+
+def keys(path) -> list[tuple[str, int]]:
+    return [(g["text"], g["read_pos"]) for g in read_jsonl(path)]
+
+
+FAST = dict(seq_len=T, batch_size=64, device="cpu", diagnose=False)
+
+
+@pytest.mark.parametrize("name", ["random", "families", "evolve", "gradient"])
+def test_strategies_emit_only_valid_sequences_of_the_models_length(name):
+    seen = []
+    ctx = SearchContext(
+        tiny_gpt(1),
+        T,
+        seed=3,
+        budget=400,
+        batch_size=32,
+        strategy=name,
+        check=False,  # the test checks the grammar itself, not the context's guard
+        on_scored=lambda sc, origins, record: seen.append(sc.tokens),
+    )
+    strategy = get_strategy(name)
+    unit = 0
+    while not ctx.done and unit < 50:
+        try:
+            strategy.run(ctx, unit)
+        except gl.BudgetSpent:
+            break
+        unit += 1
+    tokens = torch.cat(seen)
+    assert ctx.scored >= len(tokens) > 0 and tokens.shape[1] == T
+    for row in tokens:
+        validate(row)
+
+
+def test_families_cover_every_family_early():
+    from ffinterp.analysis.search import FAMILIES, family_grid
+
+    grid = family_grid(tuple(FAMILIES))
+    assert {f for f, _ in grid[: len(FAMILIES)]} == set(FAMILIES)
+
+
+def test_every_jsonl_line_is_a_real_error_on_both_views(ffl, tmp_path):
+    report = find_glitches(
+        ffl, "random", 256, seed=0, out=tmp_path, max_glitches=6, **{**FAST, "diagnose": True}
+    )
+    lines = read_jsonl(tmp_path / "glitches.jsonl")
+    assert len(lines) == len(report) == 6
+    for g in lines:
+        tokens = from_text(g["text"])
+        validate(tokens)
+        for view in (ffl.predict_reads(tokens), score_tokens(ffl.fast, tokens)):
+            k = int((view.reads.pos == g["read_pos"]).nonzero()[0])
+            assert bool(view.error[k]), g
+            assert abs(float(view.margin[k]) - g["margin"]) < 1e-3
+        mini = g["minimized"]
+        mt = from_text(mini["text"])
+        validate(mt)
+        s = ffl.predict_reads(mt)
+        k = int((s.reads.pos == mini["read_pos"]).nonzero()[0])
+        assert bool(s.error[k]) and mini["verified"]
+        assert mini["length"] <= T and mini["active"] <= g["writes"] + 2
+        d = g["diagnosis"]
+        assert d["label"] in ("dilution", "wrong write", "start drift", "other")
+        assert isinstance(d["causal"]["fixed"], bool) and d["read_heads"]
+    # the report object and its three forms
+    assert "<table" in report._repr_html_()
+    assert report.plot().data
+    assert report.to_jsonl().count("\n") == len(report)
+    html = (tmp_path / "report.html").read_text()
+    assert not re.search(r"<script[^>]*\ssrc=", html)  # offline: plotly.js is inlined, not fetched
+    assert "Plotly.newPlot" in html and len(html) > 1_000_000
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["glitches"] == 6 and summary["disagreements"] == 0
+
+
+def test_minimize_keeps_the_glitch_and_shrinks_it():
+    model = tiny_gpt()
+    from ffinterp.language import sample
+
+    tokens = sample(64, T, 0.5, seed=1)
+    sc = score_tokens(model, tokens)
+    k = int(sc.error.nonzero()[0])
+    row, pos = int(sc.reads.batch[k]), int(sc.reads.pos[k])
+    for shorten in (False, True):
+        m = minimize(model, tokens[row], pos, shorten=shorten)
+        mt = from_text(m.text)
+        validate(mt)
+        assert m.margin < 0 and m.active <= int((tokens[row, 0::2] != I).sum())
+        assert (len(mt) == T) != shorten and m.read_pos <= pos
+        rd = reads(mt[None])
+        assert m.read_pos in rd.pos.tolist()
+
+
+def test_same_seed_same_glitches_other_seed_other_glitches(ffl):
+    a = find_glitches(ffl, "families", 192, seed=5, max_glitches=5, minimize=False, **FAST)
+    b = find_glitches(ffl, "families", 192, seed=5, max_glitches=5, minimize=False, **FAST)
+    c = find_glitches(ffl, "families", 192, seed=6, max_glitches=5, minimize=False, **FAST)
+    key = lambda r: [(g["text"], g["read_pos"], g["margin"]) for g in r]  # noqa: E731
+    assert key(a) == key(b) and len(a) == 5
+    assert key(a) != key(c)
+
+
+def test_registry_extension_is_a_small_frozen_record(ffl):
+    @register
+    @dataclass(frozen=True)
+    class AllIgnores(Strategy):
+        name: ClassVar[str] = "test-all-ignores"
+        bit: int = 0
+
+        def run(self, ctx: SearchContext, unit: int) -> None:
+            rng = ctx.rng(unit)
+            instr = np.full((ctx.batch_size, ctx.seq_len // 2), I)
+            instr[:, rng.integers(1, ctx.seq_len // 2 - 1, ctx.batch_size)] = 1  # one read each
+            ctx.score(assemble(instr, np.full(instr.shape, self.bit)), origin={"unit": unit})
+
+    try:
+        report = find_glitches(ffl, "test-all-ignores", 128, seed=0, max_glitches=3, minimize=False, **FAST)
+        assert report.summary["strategies"]["test-all-ignores"]["params"] == {
+            "name": "test-all-ignores",
+            "bit": 0,
+        }
+        assert all(g["strategy"] == "test-all-ignores" for g in report)
+        report2 = find_glitches(ffl, AllIgnores(bit=1), 64, max_glitches=1, minimize=False, **FAST)
+        assert report2.summary["strategies"]["test-all-ignores"]["params"]["bit"] == 1
+    finally:
+        STRATEGIES.pop("test-all-ignores")
+    with pytest.raises(FFInterpError, match="unknown strategy"):
+        get_strategy("test-all-ignores")
+
+
+def test_resume_after_a_crash_mid_unit_loses_and_duplicates_nothing(ffl, tmp_path, monkeypatch):
+    opts = dict(strategy="random", budget=512, seed=2, max_glitches=12, minimize=False, **FAST)
+    full = find_glitches(ffl, out=tmp_path / "full", **opts)
+    assert len(full) == 12
+
+    calls = {"n": 0}
+    original = GlitchFinder._append
+
+    def crash_after_five(self, record):
+        if calls["n"] == 5:
+            raise KeyboardInterrupt  # "killed" after five lines, mid-unit
+        calls["n"] += 1
+        original(self, record)
+
+    monkeypatch.setattr(GlitchFinder, "_append", crash_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        find_glitches(ffl, out=tmp_path / "run", **opts)
+    monkeypatch.setattr(GlitchFinder, "_append", original)
+    jsonl = tmp_path / "run" / "glitches.jsonl"
+    assert len(read_jsonl(jsonl)) == 5
+    with open(jsonl, "a") as f:  # a kill in the middle of a write leaves a torn line
+        f.write('{"text": "w0i1')
+    with pytest.raises(FFInterpError, match="--resume"):
+        find_glitches(ffl, out=tmp_path / "run", **opts)
+    resumed = find_glitches(ffl, out=tmp_path / "run", resume=True, **opts)
+    assert keys(jsonl) == keys(tmp_path / "full" / "glitches.jsonl")
+    assert len(set(keys(jsonl))) == len(resumed) == 12
+    with pytest.raises(FFInterpError, match="differs in seed"):
+        find_glitches(ffl, out=tmp_path / "run", resume=True, **{**opts, "seed": 3})
+
+
+def run_cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ffinterp", *args], capture_output=True, text=True, **kw)
+
+
+def test_cli_sigkill_then_resume_writes_the_three_files(ckpt, tmp_path):
+    out = tmp_path / "g"
+    args = [
+        "find-glitches",
+        ckpt,
+        "--strategy",
+        "random",
+        "--budget",
+        "512",
+        "--seed",
+        "4",
+        "--seq-len",
+        "64",
+    ]
+    args += ["--max-glitches", "10", "--batch-size", "64", "--device", "cpu", "--out", str(out), "--quiet"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ffinterp", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    jsonl = out / "glitches.jsonl"
+    deadline = time.time() + 90
+    while time.time() < deadline and proc.poll() is None:
+        if jsonl.exists() and jsonl.read_text().count("\n") >= 3:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    killed = proc.returncode == -signal.SIGKILL
+    done = run_cli(*args, "--resume")
+    assert done.returncode == 0, done.stderr
+    assert "verified glitches" in done.stdout
+    for name in ("glitches.jsonl", "summary.json", "report.html"):
+        assert (out / name).stat().st_size > 0
+    expected = find_glitches(
+        ckpt, "random", 512, seed=4, seq_len=64, max_glitches=10, batch_size=64, device="cpu"
+    )
+    assert keys(jsonl) == [(g["text"], g["read_pos"]) for g in expected]
+    assert killed or len(expected) == 10  # (a very fast machine may finish before the kill)
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(ckpt, tmp_path):
+    for args, needle in (
+        (["--seq-len", "63"], "seq-len"),
+        (["--seq-len", "128"], "block size"),
+        (["--strategy", "nope"], "--strategy"),
+        (["--budget", "0"], "--budget"),
+    ):
+        r = run_cli("find-glitches", ckpt, "--out", str(tmp_path / "bad"), "--quiet", *args)
+        assert r.returncode == 2, (args, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr
+
+
+def test_ground_truth_on_the_hand_built_circuit_at_low_sharpness():
+    """Every glitch found lies in the closed-form region, every structured decoy case the
+    closed form says fails is found, and the diagnosis names the dilution it is."""
+    from ffinterp.analysis.search import Families, family_grid
+    from ffinterp.models.constructed import circuit_model, closed_form_predictions, predicted_error
+
+    rho = 8.0  # well below min_exact_sharpness(64) = 21.5: glitches exist
+    circuit = circuit_model(rho, block_size=T)
+    params = circuit.fast.circuit
+    fam = Families(families=("decoys",))
+    n_points = len(family_grid(fam.families))
+    report = find_glitches(
+        circuit,
+        fam,
+        16 * n_points,
+        batch_size=16,
+        max_glitches=10**6,
+        minimize=False,
+        **{k: v for k, v in FAST.items() if k != "batch_size"},
+    )
+    assert len(report) > 0
+    for g in report:
+        pred = closed_form_predictions(from_text(g["text"]), params)[0, g["read_pos"]]
+        assert pred != "01".index(g["expected"]) + 3, g["text"]
+    found = {tuple(sorted(g["origin"].items())) for g in report if g["origin"]["family"] == "decoys"}
+    s = T // 2
+    for _, p in family_grid(("decoys",)):
+        gap = 2 * max(1, min(s - 3, round(p["gap_frac"] * (s - 1))))
+        k = min(p["n_decoys"], s - 1 - gap // 2 - 1)
+        if p["near"] and predicted_error(gap, k + 1, rho):  # the packed probe of this cell fails
+            assert any(dict(f)["n_decoys"] == p["n_decoys"] and dict(f)["gap_frac"] == p["gap_frac"]
+                       and dict(f)["near"] == 1 for f in found), p  # fmt: skip
+
+    small = find_glitches(circuit, "evolve", 2000, seed=1, max_glitches=1, seq_len=T, device="cpu")
+    assert len(small) == 1
+    for g in small:
+        mini = g["minimized"]
+        pred = closed_form_predictions(from_text(mini["text"]), params)[0, mini["read_pos"]]
+        assert pred != "01".index(g["expected"]) + 3
+        assert g["diagnosis"]["read_heads"][0]["head"] == "L1H0"
+        assert g["diagnosis"]["label"] == "dilution" and g["diagnosis"]["causal"]["fixed"]
