@@ -70,7 +70,7 @@ def test_strategies_emit_only_valid_sequences_of_the_models_length(name):
         tiny_gpt(1),
         T,
         seed=3,
-        budget=400,
+        budget=200,
         batch_size=32,
         strategy=name,
         check=False,  # the test checks the grammar itself, not the context's guard
@@ -235,14 +235,15 @@ def test_cli_sigkill_then_resume_writes_the_three_files(ckpt, tmp_path):
         "--seq-len",
         "64",
     ]
-    args += ["--max-glitches", "10", "--batch-size", "64", "--device", "cpu", "--out", str(out), "--quiet"]
+    args += ["--max-glitches", "8", "--batch-size", "64", "--device", "cpu", "--out", str(out), "--quiet"]
+    args += ["--no-diagnose"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "ffinterp", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     jsonl = out / "glitches.jsonl"
     deadline = time.time() + 90
     while time.time() < deadline and proc.poll() is None:
-        if jsonl.exists() and jsonl.read_text().count("\n") >= 3:
+        if jsonl.exists() and jsonl.read_text().count("\n") >= 2:
             os.kill(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.05)
@@ -254,63 +255,32 @@ def test_cli_sigkill_then_resume_writes_the_three_files(ckpt, tmp_path):
     for name in ("glitches.jsonl", "summary.json", "report.html"):
         assert (out / name).stat().st_size > 0
     expected = find_glitches(
-        ckpt, "random", 512, seed=4, seq_len=64, max_glitches=10, batch_size=64, device="cpu"
+        ckpt, "random", 512, seed=4, seq_len=64, max_glitches=8, batch_size=64, device="cpu", diagnose=False
     )
     assert keys(jsonl) == [(g["text"], g["read_pos"]) for g in expected]
-    assert killed or len(expected) == 10  # (a very fast machine may finish before the kill)
+    assert killed or len(expected) == 8  # (a very fast machine may finish before the kill)
 
 
-def test_cli_bad_input_is_one_line_and_exit_2(ckpt, tmp_path):
-    for args, needle in (
-        (["--seq-len", "63"], "seq-len"),
-        (["--seq-len", "128"], "block size"),
+@pytest.mark.parametrize(
+    "args, needle",
+    [
         (["--strategy", "nope"], "--strategy"),
         (["--budget", "0"], "--budget"),
-    ):
-        r = run_cli("find-glitches", ckpt, "--out", str(tmp_path / "bad"), "--quiet", *args)
-        assert r.returncode == 2, (args, r.stderr)
-        lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr
+        (["--device", "tpu"], "--device"),
+        (["--seq-len", "63"], "--seq-len"),
+        (["--seq-len", "128"], "block size"),  # found only once the model is loaded
+        (["--resume"], "cannot resume"),
+    ],
+)
+def test_cli_bad_options_in_process(ckpt, tmp_path, capsys, args, needle):
+    from ffinterp.cli import main
 
-
-def test_ground_truth_on_the_hand_built_circuit_at_low_sharpness():
-    """Every glitch found lies in the closed-form region, every structured decoy case the
-    closed form says fails is found, and the diagnosis names the dilution it is."""
-    from ffinterp.analysis.search import Families, family_grid
-    from ffinterp.models.constructed import circuit_model, closed_form_predictions, predicted_error
-
-    rho = 8.0  # well below min_exact_sharpness(64) = 21.5: glitches exist
-    circuit = circuit_model(rho, block_size=T)
-    params = circuit.fast.circuit
-    fam = Families(families=("decoys",))
-    n_points = len(family_grid(fam.families))
-    report = find_glitches(
-        circuit,
-        fam,
-        16 * n_points,
-        batch_size=16,
-        max_glitches=10**6,
-        minimize=False,
-        **{k: v for k, v in FAST.items() if k != "batch_size"},
-    )
-    assert len(report) > 0
-    for g in report:
-        pred = closed_form_predictions(from_text(g["text"]), params)[0, g["read_pos"]]
-        assert pred != "01".index(g["expected"]) + 3, g["text"]
-    found = {tuple(sorted(g["origin"].items())) for g in report if g["origin"]["family"] == "decoys"}
-    s = T // 2
-    for _, p in family_grid(("decoys",)):
-        gap = 2 * max(1, min(s - 3, round(p["gap_frac"] * (s - 1))))
-        k = min(p["n_decoys"], s - 1 - gap // 2 - 1)
-        if p["near"] and predicted_error(gap, k + 1, rho):  # the packed probe of this cell fails
-            assert any(dict(f)["n_decoys"] == p["n_decoys"] and dict(f)["gap_frac"] == p["gap_frac"]
-                       and dict(f)["near"] == 1 for f in found), p  # fmt: skip
-
-    small = find_glitches(circuit, "evolve", 2000, seed=1, max_glitches=1, seq_len=T, device="cpu")
-    assert len(small) == 1
-    for g in small:
-        mini = g["minimized"]
-        pred = closed_form_predictions(from_text(mini["text"]), params)[0, mini["read_pos"]]
-        assert pred != "01".index(g["expected"]) + 3
-        assert g["diagnosis"]["read_heads"][0]["head"] == "L1H0"
-        assert g["diagnosis"]["label"] == "dilution" and g["diagnosis"]["causal"]["fixed"]
+    out = tmp_path / "o"
+    if "--resume" in args:  # a folder written by another search (another seed)
+        find_glitches(ckpt, "random", 64, seed=9, out=out, max_glitches=1, minimize=False, **FAST)
+    extra = args if "--seq-len" in args else [*args, "--seq-len", "64"]
+    with pytest.raises(SystemExit) as e:
+        main(["find-glitches", ckpt, "--out", str(out), "--quiet", *extra])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]

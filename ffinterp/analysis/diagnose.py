@@ -24,8 +24,10 @@ from ffinterp.analysis.attention import (
     read_attention,
     read_rows,
 )
+from ffinterp.analysis.pairs import Pair, relabel
 from ffinterp.data import eval_set
-from ffinterp.language import VOCAB, Reads, W, last_write_pos, reads
+from ffinterp.errors import FFInterpError
+from ffinterp.language import VOCAB, I, Reads, W, last_write_pos, reads, to_text
 from ffinterp.scoring import score_tokens
 
 LABELS = ("dilution", "wrong write", "start drift", "other")
@@ -122,6 +124,20 @@ def failure_mode(row: Tensor, tokens: Tensor, read_pos: int, typical: float, low
     return {"label": "other", "max_pair_mass": round(pairs[best], 4), "at": best}
 
 
+def clean_counterpart(tokens: Int[Tensor, " seq"], read_pos: int) -> Int[Tensor, " seq"]:
+    """The glitch with its history cleaned: every write before the last one becomes an ignore
+    (the opening write keeps its place but takes the last write's bit). Same length, same
+    read, same answer; what differs is exactly the distraction."""
+    x = torch.as_tensor(tokens).clone()
+    lw = int(last_write_pos(x[None])[0, read_pos])
+    if lw >= START_TOKENS:
+        before = x[2:lw:2]
+        before[before == W] = I
+        x[2:lw:2] = before
+        x[1] = x[lw + 1]
+    return relabel(x)
+
+
 class Diagnoser:
     """Diagnoses glitches of one model; read heads and reference statistics come once."""
 
@@ -159,6 +175,34 @@ class Diagnoser:
         others[bit] = float("-inf")
         return VOCAB[int(at.argmax())], float(at[bit] - others.max())
 
+    def patch_clean_output(self, tokens: Int[Tensor, " seq"], read_pos: int) -> dict:
+        """Put each read head's output (``hook_z``, all positions) from the clean counterpart
+        into the glitch run with :func:`ffinterp.analysis.patching.activation_patch`: does
+        the read come out right?"""
+        from ffinterp.analysis.patching import activation_patch
+
+        clean = clean_counterpart(tokens, read_pos)
+        if torch.equal(clean, tokens):
+            return {"applicable": False, "why": "the only write is the opening one: no clean history"}
+        lw = int(last_write_pos(tokens[None])[0, read_pos])
+        bit = int(tokens[lw + 1])
+        pair = Pair(clean, tokens, read_pos, bit, bit, lw, lw, kind="glitch")
+        try:
+            res = activation_patch(self.ffl, pair, "z", by_pos=False)
+        except FFInterpError as e:
+            return {"applicable": False, "why": str(e)}
+        base = res.baselines
+        c, g = base["clean logit_diff"], base["corrupted logit_diff"]
+        out = {"applicable": True, "clean_text": str(to_text(clean)), "clean_logit_diff": round(c, 4)}
+        out["glitch_logit_diff"] = round(g, 4)
+        heads = {}
+        for l, h in self.ref.read_heads:
+            v = float(res.values[l, h])
+            heads[head_name(l, h)] = {"restored": round(v, 4), "fixed": g + v * (c - g) > 0}
+        out["per_head"] = heads
+        out["fixed"] = c > 0 and any(x["fixed"] for x in heads.values())
+        return out
+
     def diagnose(self, tokens: Int[Tensor, " seq"], read_pos: int) -> dict:
         """The diagnosis stored with a glitch in ``glitches.jsonl``."""
         tokens = torch.as_tensor(tokens).cpu().long()
@@ -187,6 +231,7 @@ class Diagnoser:
             "margin": round(margin, 4),
             "fixed": margin > 0,
         }
+        causal["clean_output"] = self.patch_clean_output(tokens, read_pos)
         if len(self.ref.read_heads) > 1:
             causal["per_head"] = {}
             for lh in self.ref.read_heads:

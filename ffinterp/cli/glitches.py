@@ -42,6 +42,8 @@ def find_glitches_cmd(
         fail(f"--batch-size must be at least 1, got {batch_size}")
     if device != "auto" and not (device == "cpu" or device.startswith("cuda")):
         fail(f"--device must be auto, cpu or cuda[:N], got {device!r}")
+    if seq_len is not None and (seq_len < 4 or seq_len % 2):
+        fail(f"--seq-len must be an even number >= 4, got {seq_len}")
     from ffinterp import distributed
 
     spec = ckpt or PREFIX + DEFAULT_MODEL
