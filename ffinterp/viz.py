@@ -46,10 +46,14 @@ def token_labels(tokens: Int[Tensor, " seq"]) -> list[str]:
     return [f"{k} {VOCAB[int(t)]}" for k, t in enumerate(torch.as_tensor(tokens).tolist())]
 
 
-def _np(x) -> list:
-    if isinstance(x, Tensor):
-        return x.detach().float().cpu().tolist()
-    return x
+def causal_z(pattern: Float[Tensor, "query key"], decimals: int = 4) -> list:
+    """Pattern values for plotly: rounded (a 512 x 512 head stays ~1 MB of HTML) and NaN
+    above the diagonal, which causal attention cannot reach, so it shows blank."""
+    z = torch.as_tensor(pattern).detach().float().cpu()
+    z = torch.round(z, decimals=decimals)
+    q, k = z.shape[-2:]
+    future = torch.ones(q, k, dtype=torch.bool).triu(1)
+    return z.masked_fill(future, float("nan")).tolist()
 
 
 # ---------------------------------------------------------------- generic
@@ -123,7 +127,7 @@ def pattern_figure(
     labels = token_labels(tokens)
     name = f"L{layer}H{head}" if layer is not None and head is not None else "attention"
     fig = heatmap(
-        pattern,
+        torch.zeros(len(labels), len(labels)),
         labels,
         labels,
         title=title if title is not None else f"{name}: attention pattern",
@@ -133,6 +137,9 @@ def pattern_figure(
         zmax=1.0,
         colorbar_title="attention",
     )
+    fig.data[0].z = causal_z(pattern)
+    fig.update_xaxes(showgrid=False)
+    fig.update_yaxes(showgrid=False)
     if reads:
         xs, ys = [], []
         for r, w in reads:
@@ -162,12 +169,15 @@ def pattern_grid(
     *,
     read_heads: Sequence[tuple[int, int]] = (),
     title: str = "attention patterns of all heads",
-    cell: int = 260,
+    cell: int | None = None,
 ) -> go.Figure:
-    """Every head's pattern in a layers x heads grid, read heads marked with a star."""
+    """Every head's pattern in a layers x heads grid, read heads marked with a star.
+
+    ``cell`` (pixels per head) defaults to about one pixel per token, within 260..600.
+    """
     patterns = torch.as_tensor(patterns).detach().float().cpu()
-    n_layer, n_head = patterns.shape[:2]
-    labels = token_labels(tokens)
+    n_layer, n_head, seq = patterns.shape[0], patterns.shape[1], patterns.shape[-1]
+    cell = cell or min(600, max(260, seq))
     starred = set(map(tuple, read_heads))
     titles = [
         f"L{l}H{h}" + (" ★ read head" if (l, h) in starred else "")
@@ -185,17 +195,16 @@ def pattern_grid(
         for h in range(n_head):
             fig.add_trace(
                 go.Heatmap(
-                    z=patterns[l, h].tolist(),
-                    x=labels,
-                    y=labels,
+                    z=causal_z(patterns[l, h]),
                     coloraxis="coloraxis",
-                    hovertemplate=f"L{l}H{h} " + "%{y} → %{x}: %{z:.4f}<extra></extra>",
+                    hovertemplate=f"L{l}H{h} " + "query %{y} → key %{x}: %{z:.4f}<extra></extra>",
                 ),
                 row=l + 1,
                 col=h + 1,
             )
-    fig.update_xaxes(type="category", showticklabels=False)
-    fig.update_yaxes(type="category", autorange="reversed", showticklabels=False)
+    # Positions as numbers (tokens are in the single-head figure): keeps the HTML small.
+    fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False)
+    fig.update_yaxes(autorange="reversed", showticklabels=False, showgrid=False, zeroline=False)
     fig.update_layout(
         title=title,
         coloraxis=dict(colorscale=PATTERN_SCALE, cmin=0.0, cmax=1.0, colorbar=dict(title="attention")),
@@ -423,5 +432,6 @@ __all__ = [
     "save_figure",
     "save_html",
     "to_image_bytes",
+    "causal_z",
     "token_labels",
 ]
