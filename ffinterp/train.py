@@ -263,8 +263,14 @@ def train(
     )
     bar = _progress(total=cfg.steps, initial=start, enabled=progress)
     interrupted = False
-    # SIGTERM (e.g. a scheduler's kill) is treated like Ctrl-C: save, then stop.
-    old_term = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
+    # SIGTERM (e.g. a scheduler's kill) saves like Ctrl-C, then ends the process.
+    terminated = []
+
+    def on_term(signum, frame):  # noqa: ARG001
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    old_term = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
     try:
         while step < cfg.steps:
             tokens = batch_at(cfg, step).to(device)
@@ -295,11 +301,9 @@ def train(
         bar.close()
     final = history[-1] if history and history[-1]["step"] == step else {}
     save(final_eval={k: final[k] for k in STANDARD_SETS if k in final} or None)
+    if terminated:
+        raise SystemExit(128 + signal.SIGTERM)
     return TrainResult(path, step, wall_before + time.perf_counter() - t0, final, interrupted)
-
-
-def _raise_interrupt(signum, frame):  # noqa: ARG001
-    raise KeyboardInterrupt
 
 
 def _main_thread() -> bool:

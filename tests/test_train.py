@@ -1,0 +1,157 @@
+"""Training: the recipe, the mitigations, bit-exact resume and interrupts."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from ffinterp.checkpoints import load_checkpoint
+from ffinterp.data import eval_set
+from ffinterp.language import W, read_mask
+from ffinterp.models.gpt import GPT
+from ffinterp.train import (
+    TrainConfig,
+    attention_entropy,
+    batch_at,
+    build,
+    lr_at,
+    read_accuracy,
+    train,
+    training_loss,
+)
+
+SMALL = dict(seq_len=16, batch_size=4, eval_every=0, ckpt_every=0, warmup=2, lr=1e-3)
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    cfg = TrainConfig(steps=100, warmup=10, lr=1e-3)
+    assert lr_at(cfg, 0) == pytest.approx(1e-4)
+    assert lr_at(cfg, 9) == pytest.approx(1e-3)
+    assert lr_at(cfg, 55) == pytest.approx(1e-3 * 45 / 90)
+    assert lr_at(cfg, 100) == 0.0
+
+
+def test_resume_is_bit_exact(tmp_path):
+    cfg = TrainConfig(steps=6, embd_dropout=0.2, **SMALL)  # dropout: the RNG must resume too
+    straight = train(cfg, tmp_path / "a", progress=False)
+    train(replace(cfg, steps=3), tmp_path / "b", progress=False)
+    resumed = train(cfg, tmp_path / "b", resume=True, progress=False)
+    assert straight.steps == resumed.steps == 6
+    a = load_checkpoint(tmp_path / "a" / "ckpt.pt")
+    b = load_checkpoint(tmp_path / "b" / "ckpt.pt")
+    for (name, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+def test_interrupt_leaves_a_valid_checkpoint(tmp_path, monkeypatch):
+    import ffinterp.train as tr
+
+    calls = {"n": 0}
+    real = tr.training_loss
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tr, "training_loss", flaky)
+    result = train(TrainConfig(steps=10, **SMALL), tmp_path, progress=False)
+    assert result.interrupted and result.steps == 3
+    loaded = load_checkpoint(tmp_path / "ckpt.pt")
+    assert loaded.raw["iter_num"] == 3
+    monkeypatch.setattr(tr, "training_loss", real)
+    done = train(TrainConfig(steps=10, **SMALL), tmp_path, resume=True, progress=False)
+    assert done.steps == 10 and not done.interrupted
+
+
+def test_read_loss_only_scores_reads():
+    cfg = TrainConfig(**SMALL)
+    model = build(cfg)
+    tokens = batch_at(cfg, 0)
+    loss, _ = training_loss(model, tokens, cfg, 0)
+    logits = model(tokens)
+    mask = read_mask(tokens)
+    want = torch.nn.functional.cross_entropy(logits[mask], tokens[:, 1:][mask[:, :-1]])
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    full, _ = training_loss(model, tokens, replace(cfg, loss="all"), 0)
+    assert not math.isclose(full.item(), loss.item(), rel_tol=1e-3)
+
+
+def test_sharpening_adds_the_weighted_attention_entropy():
+    cfg = TrainConfig(sharpen=0.5, **SMALL)
+    torch.manual_seed(0)
+    model = build(cfg)
+    tokens = batch_at(cfg, 0)
+    plain, _ = training_loss(model, tokens, replace(cfg, sharpen=0.0), 0)
+    sharp, stats = training_loss(model, tokens, cfg, 0)
+    _, patterns = model(tokens, need_patterns=True)
+    ent = attention_entropy(patterns)
+    assert ent.item() > 0
+    assert sharp.item() == pytest.approx(plain.item() + 0.5 * ent.item(), rel=1e-5)
+    assert stats["attn_entropy"] == pytest.approx(ent.item(), rel=1e-5)
+    # annealing ramps the weight from 0
+    annealed = replace(cfg, sharpen_anneal="linear", steps=10)
+    at0, _ = training_loss(model, tokens, annealed, 0)
+    assert at0.item() == pytest.approx(plain.item(), rel=1e-5)
+    # a gradient step on the penalty alone lowers the entropy
+    ent.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 0.5 * p.grad
+    assert attention_entropy(model(tokens, need_patterns=True)[1]).item() < ent.item()
+
+
+def test_embedding_dropout_acts_only_in_training():
+    model = build(TrainConfig(embd_dropout=0.5, **SMALL))
+    tokens = batch_at(TrainConfig(**SMALL), 0)
+    model.train()
+    assert not torch.equal(model(tokens), model(tokens))
+    model.eval()
+    assert torch.equal(model(tokens), model(tokens))
+    assert model.transformer.drop.p == 0.5
+
+
+def test_sinusoidal_positions_are_frozen(tmp_path):
+    cfg = TrainConfig(steps=3, pos_embedding="sinusoidal", **SMALL)
+    before = build(cfg).transformer.wpe.weight.clone()
+    train(cfg, tmp_path, progress=False)
+    after = load_checkpoint(tmp_path / "ckpt.pt").model.transformer.wpe.weight
+    assert torch.equal(before, after)
+    assert load_checkpoint(tmp_path / "ckpt.pt").meta["pos_embedding"] == "sinusoidal"
+
+
+def test_mixture_batches_draw_from_each_distribution():
+    cfg = TrainConfig(mixture=[0.1, 0.98], seq_len=512, batch_size=8, eval_every=0)
+    tokens = batch_at(cfg, 0)
+    writes = (tokens[:, 0::2] == W).float().mean(1)
+    assert (writes[:4] > 0.3).all() and (writes[4:] < 0.05).all()
+    assert not torch.equal(batch_at(cfg, 0), batch_at(cfg, 1))
+
+
+def test_lstm_trains_through_the_same_loop(tmp_path):
+    result = train(TrainConfig(preset="lstm", steps=3, **SMALL), tmp_path, progress=False)
+    assert load_checkpoint(result.path).arch == "lstm"
+
+
+def test_bad_configs_are_refused():
+    with pytest.raises(ValueError, match="loss must be"):
+        TrainConfig(loss="everything")
+    with pytest.raises(ValueError, match="sharpening regularizer needs a transformer"):
+        TrainConfig(preset="lstm", sharpen=0.1)
+    with pytest.raises(ValueError, match="unknown preset"):
+        TrainConfig(preset="huge")
+
+
+@pytest.mark.slow
+def test_tiny_model_learns_the_task(tmp_path):
+    cfg = TrainConfig(seq_len=32, batch_size=64, steps=400, lr=3e-3, warmup=50, eval_every=0, ckpt_every=0)
+    result = train(cfg, tmp_path, progress=False)
+    model = load_checkpoint(result.path).model
+    assert isinstance(model, GPT)
+    accuracy = read_accuracy(model, eval_set("in", 500, 32))
+    assert accuracy > 0.97, accuracy
