@@ -7,6 +7,10 @@ reads as an upper bound (``< 9.0e-06``) rather than as zero.
 Scoring runs on the fast model only, in ``torch.inference_mode``, with the set streamed
 from its seed in chunks (the sparse set is 80M tokens; it is never held whole).
 Errors are counted on the device; only three integers per batch come back.
+
+Under ``torchrun`` each rank scores a disjoint share of every set's stream (whole sampler
+blocks, taken in turn) and the three counts are summed over ranks, so the counts and
+intervals are those of one process for any world size (see :mod:`ffinterp.distributed`).
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ import torch
 from jaxtyping import Int
 from torch import Tensor, nn
 
+from ffinterp import distributed
 from ffinterp.data import STANDARD_SETS, eval_set_spec, iter_eval_set
 from ffinterp.errors import FFInterpError
 from ffinterp.language import BLOCK_ROWS, last_write_pos, read_mask
+from ffinterp.models.gpt import GPT
 
 DEFAULT_SETS = ("in", "sparse", "dense")
 
@@ -225,15 +231,26 @@ def count_errors(model: nn.Module, tokens: Int[Tensor, "batch seq"]) -> tuple[in
     if bool((mask & (lw < 0)).any()):
         raise FFInterpError("a read comes before any write: not a flip-flop sequence")
     bit = tokens.gather(1, (lw + 1).clamp(0, tokens.shape[1] - 1))
-    wrong = mask & (model(tokens).argmax(-1) != bit)
+    # Reads sit on even (instruction) slots only, so the GPT's head runs on those alone.
+    slots = slice(0, None, 2)
+    logits = model(tokens, positions=slots) if isinstance(model, GPT) else model(tokens)[:, slots]
+    mask = mask[:, slots]
+    wrong = mask & (logits.argmax(-1) != bit[:, slots])
     counts = torch.stack([mask.sum(), wrong.sum(), wrong.any(1).sum()]).tolist()
     return int(counts[0]), int(counts[1]), int(counts[2])
 
 
-def _chunks(name: str, n: int, seq_len: int, batch_size: int) -> Iterator[Int[Tensor, "batch seq"]]:
-    """Model batches of a set; generation runs one chunk ahead, in whole sampler blocks."""
-    chunk = max(BLOCK_ROWS, -(-batch_size // BLOCK_ROWS) * BLOCK_ROWS)
-    stream = (b for _, b in iter_eval_set(name, n, seq_len, batch_size=chunk))
+def _chunk_rows(batch_size: int) -> int:
+    return max(BLOCK_ROWS, -(-batch_size // BLOCK_ROWS) * BLOCK_ROWS)
+
+
+def _chunks(
+    name: str, n: int, seq_len: int, batch_size: int, part: tuple[int, int] = (0, 1)
+) -> Iterator[Int[Tensor, "batch seq"]]:
+    """Model batches of a set (``part``: this rank's share of the chunks); generation runs
+    one chunk ahead, in whole sampler blocks."""
+    chunk = _chunk_rows(batch_size)
+    stream = (b for _, b in iter_eval_set(name, n, seq_len, batch_size=chunk, part=part))
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(next, stream, None)
         while (tokens := pending.result()) is not None:
@@ -272,12 +289,15 @@ def evaluate(
     device: str | torch.device = "auto",
     progress: bool = True,
     confidence: float = 0.95,
+    dist: distributed.Dist | None = None,
 ) -> EvalResult:
     """Score a model's reads on the standard sets (default: each set's full size).
 
     ``model`` is a fast GPT or LSTM, an ``FFLModel``, or anything :func:`load_checkpoint`
     reads. ``n`` and ``seq_len`` may be one value or a per-set mapping. The model is put
-    back on its device and in its train/eval mode afterwards.
+    back on its device and in its train/eval mode afterwards. Under ``torchrun`` (``dist``:
+    default :func:`ffinterp.distributed.current`) every rank calls this on its own device and
+    gets the totals over all ranks.
     """
     from ffinterp.train import resolve_device  # lazy: train may come to import this module
 
@@ -311,6 +331,9 @@ def evaluate(
 
     from tqdm.auto import tqdm
 
+    dist = dist if dist is not None else distributed.current()
+    part = (dist.rank, dist.world_size)
+
     param = next(fast.parameters(), None)
     home = param.device if param is not None else torch.device("cpu")
     was_training = fast.training
@@ -320,15 +343,22 @@ def evaluate(
         for spec, rows, t in plan:
             reads = errors = bad = 0
             start = time.perf_counter()
+            chunk = _chunk_rows(batch_size)
+            mine = sum(min(chunk, rows - o) for o in dist.shard(range(0, rows, chunk)))
             with tqdm(
-                total=rows, desc=spec.name, unit="seq", disable=not progress, dynamic_ncols=True
+                total=mine,
+                desc=spec.name if not dist.active else f"{spec.name} (rank 0 of {dist.world_size})",
+                unit="seq",
+                disable=not (progress and dist.is_main),
+                dynamic_ncols=True,
             ) as bar:
-                for tokens in _chunks(spec.name, rows, t, batch_size):
+                for tokens in _chunks(spec.name, rows, t, batch_size, part):
                     r, e, b = count_errors(fast, tokens.to(dev, non_blocking=True))
                     reads, errors, bad = reads + r, errors + e, bad + b
                     bar.update(len(tokens))
                     bar.set_postfix(errors=errors, refresh=False)
-            seconds = time.perf_counter() - start
+            reads, errors, bad = dist.all_reduce_sum([reads, errors, bad]).tolist()
+            seconds = time.perf_counter() - start  # after the sum: the slowest rank's time
             lo, hi = clopper_pearson(errors, reads, 1 - confidence)
             results.append(
                 SetResult(
@@ -337,7 +367,8 @@ def evaluate(
             )
     finally:
         fast.to(home).train(was_training)
-    return EvalResult(tuple(results), description, str(dev), batch_size)
+    where = str(dev) if not dist.active else f"{dev} x {dist.world_size} ranks"
+    return EvalResult(tuple(results), description, where, batch_size)
 
 
 __all__ = ["EvalResult", "SetResult", "beta_ppf", "betainc", "clopper_pearson", "count_errors", "evaluate"]

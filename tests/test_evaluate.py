@@ -148,6 +148,42 @@ def test_bad_arguments_are_one_line_errors(tiny):
             evaluate(tiny, **{"sets": "in", "n": 4, "seq_len": T, "progress": False, **kwargs})
 
 
+# ---------------------------------------------------------------- the fast inference path
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(),
+        dict(bias=False),
+        dict(attn_only=True),
+        dict(layer_norm=False),
+        dict(pos_embedding="sinusoidal", activation="gelu_new", ln_eps=1e-3),
+    ],
+)
+def test_inference_trunk_gives_the_block_paths_logits(cfg):
+    """Eval without autograd takes the fused trunk; it must match the training path's forward."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=3, n_embd=64, n_head=4, block_size=T, **cfg)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    tokens = sample(6, T, 0.5, seed=2)
+    with torch.enable_grad():
+        ref = model(tokens).detach()
+    with torch.inference_mode():
+        fast = model(tokens)
+        evens = model(tokens, positions=slice(0, None, 2))
+    assert (fast - ref).abs().max() <= 1e-5
+    assert (evens - ref[:, ::2]).abs().max() <= 1e-5
+    seen = []
+    handle = model.transformer.h[0].register_forward_hook(lambda *a: seen.append(1))
+    with torch.no_grad():
+        assert torch.equal(model(tokens), ref)  # a module hook forces the block path
+    handle.remove()
+    assert seen
+
+
 # ---------------------------------------------------------------- CLI
 
 

@@ -209,18 +209,109 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(
-        self, idx: Int[Tensor, "batch seq"], need_patterns: bool = False
-    ) -> Float[Tensor, "batch seq vocab"] | tuple[Float[Tensor, "batch seq vocab"], list[Tensor]]:
-        """Logits at every position; with ``need_patterns`` also each layer's attention
-        pattern ``[batch, head, query, key]``."""
+        self,
+        idx: Int[Tensor, "batch seq"],
+        need_patterns: bool = False,
+        positions: Int[Tensor, " pos"] | slice | None = None,
+    ) -> Float[Tensor, "batch pos vocab"] | tuple[Float[Tensor, "batch pos vocab"], list[Tensor]]:
+        """Logits at every position (or only at ``positions``, e.g. the instruction slots
+        that can hold reads); with ``need_patterns`` also each layer's attention pattern
+        ``[batch, head, query, key]``.
+
+        In eval mode without autograd (``torch.inference_mode`` / ``no_grad``) the trunk runs
+        :meth:`_inference_trunk`, which gives the same logits (to float rounding) faster.
+        """
         t = idx.shape[1]
         if t > self.cfg.block_size:
             raise ValueError(f"sequence of length {t} exceeds block_size {self.cfg.block_size}")
         tr = self.transformer
-        x = tr.drop(tr.wte(idx) + tr.wpe.weight[:t])
         patterns = []
-        for block in tr.h:
-            x, pattern = block(x, need_patterns)
-            patterns.append(pattern)
+        if not (need_patterns or self.training or torch.is_grad_enabled() or self._hooked_modules()):
+            x = self._inference_trunk(idx)
+        else:
+            x = tr.drop(tr.wte(idx) + tr.wpe.weight[:t])
+            for block in tr.h:
+                x, pattern = block(x, need_patterns)
+                patterns.append(pattern)
+        if positions is not None:
+            x = x[:, positions]
         logits = self.lm_head(tr.ln_f(x))
         return (logits, patterns) if need_patterns else logits
+
+    def _hooked_modules(self) -> bool:
+        """Whether module hooks are registered, which the inference trunk would bypass."""
+        from torch.nn.modules import module as torch_module
+
+        if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.transformer.h.modules())
+
+    def _inference_trunk(self, idx: Int[Tensor, "batch seq"]) -> Float[Tensor, "batch seq d_model"]:
+        """The residual stream after the last block, for eval mode without autograd.
+
+        Same weights and operations as the blocks' forward, rearranged for CPU speed (the
+        bulk-scoring path: evaluation and glitch search). Each layer writes into buffers
+        reused across layers instead of allocating ~100 MB tensors the OS must zero again;
+        the residual adds are GEMM accumulations in place (``addmm_``); GELU runs in place.
+        Differences from the training path are float rounding (~1e-7), not approximations.
+        """
+        cfg, tr = self.cfg, self.transformer
+        b, t = idx.shape
+        c, h = cfg.n_embd, cfg.n_head
+        x = tr.wte(idx)
+        x += tr.wpe.weight[:t]
+        flat = x.view(b * t, c)
+        buffers: dict[str, Tensor] = {}
+        for block in tr.h:
+            attn = block.attn
+            qkv = _linear_into(_norm_into(block.ln_1, flat, buffers), attn.c_attn, buffers, "qkv")
+            q, k, v = (z.view(b, t, h, c // h).transpose(1, 2) for z in qkv.view(b, t, 3 * c).split(c, dim=2))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            merged = _buffer(buffers, "merged", (b * t, c), flat)
+            merged.view(b, t, h, c // h).copy_(y.transpose(1, 2))
+            del y
+            _add_linear_(flat, merged, attn.c_proj)
+            if not block.attn_only:
+                mlp = block.mlp
+                hidden = _linear_into(_norm_into(block.ln_2, flat, buffers), mlp.c_fc, buffers, "hidden")
+                torch.ops.aten.gelu_(hidden, approximate=mlp.approximate)
+                _add_linear_(flat, hidden, mlp.c_proj)
+        return x
+
+
+def _buffer(buffers: dict[str, Tensor], key: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """A scratch tensor reused by every layer of one inference forward."""
+    buf = buffers.get(key)
+    if buf is None or buf.shape != shape:
+        buf = buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+    return buf
+
+
+def _linear_into(x: Tensor, lin: nn.Linear, buffers: dict[str, Tensor], key: str) -> Tensor:
+    """``lin(x)`` for 2-D ``x``, written into a reused buffer (same kernel as ``F.linear``)."""
+    out = _buffer(buffers, key, (x.shape[0], lin.out_features), x)
+    if lin.bias is None:
+        return torch.mm(x, lin.weight.t(), out=out)
+    return torch.addmm(lin.bias, x, lin.weight.t(), out=out)
+
+
+def _add_linear_(residual: Tensor, x: Tensor, lin: nn.Linear) -> None:
+    """``residual += lin(x)`` in place: the GEMM accumulates straight into the stream."""
+    residual.addmm_(x, lin.weight.t())
+    if lin.bias is not None:
+        residual.add_(lin.bias)
+
+
+def _norm_into(norm: nn.Module, x: Tensor, buffers: dict[str, Tensor]) -> Tensor:
+    """``norm(x)`` for 2-D ``x``: LayerNorm into a reused buffer, Identity as is."""
+    if not isinstance(norm, LayerNorm):
+        return norm(x)
+    out = _buffer(buffers, "norm", tuple(x.shape), x)
+    stats = (
+        _buffer(buffers, "norm_mean", (x.shape[0], 1), x),
+        _buffer(buffers, "norm_rstd", (x.shape[0], 1), x),
+    )
+    torch.ops.aten.native_layer_norm.out(
+        x, [x.shape[-1]], norm.weight, norm.bias, norm.eps, out0=out, out1=stats[0], out2=stats[1]
+    )
+    return out
