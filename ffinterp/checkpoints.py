@@ -238,10 +238,8 @@ def load_checkpoint(path: str | os.PathLike) -> Loaded:
                 f"{path}: folder holds neither ckpt.pt nor a Hugging Face GPT-2 model "
                 f"(config.json with {' or '.join(HF_WEIGHT_FILES)})"
             )
-    elif (path.name.startswith(("model", "pytorch_model")) and (path.parent / "config.json").exists()) or (
-        path.suffix == ".safetensors"
-    ):
-        return load_hf_folder(path.parent)
+    elif path.suffix == ".safetensors" or (path.suffix == ".bin" and (path.parent / "config.json").exists()):
+        return load_hf_folder(path.parent)  # a weights file of a save_pretrained folder
     return load_state(read_checkpoint_file(path), str(path))
 
 
