@@ -1,4 +1,7 @@
-"""Attention at reads: exact categories, streaming extraction, top keys, read heads, the CLI."""
+"""Attention at reads: exact categories, streaming extraction, top keys, read heads, the CLI.
+
+Tests marked ``tl3`` also run on TransformerLens 3.x (``HookedTransformer``).
+"""
 
 from __future__ import annotations
 
@@ -53,6 +56,7 @@ def mixed_tokens() -> torch.Tensor:
     return torch.cat([sample(4, T, p, seed=3) for p in (0.1, 0.8, 0.98)])
 
 
+@pytest.mark.tl3
 def test_key_categories_by_hand():
     #         0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15
     tokens = from_text("w1w0i1r0w1w1i0r1")[None]
@@ -67,6 +71,7 @@ def test_key_categories_by_hand():
     assert key_categories(opening, reads(opening))[0].tolist() == [LW, LW, IG, IG, RD, F]
 
 
+@pytest.mark.tl3
 def test_masses_partition_exactly_and_match_a_brute_force_count(random_model, mixed_tokens):
     ra = read_attention(random_model, mixed_tokens, batch_size=5)
     assert ra.mass.shape == (len(ra), 2, 4, len(CATEGORIES))
@@ -94,6 +99,7 @@ def test_masses_partition_exactly_and_match_a_brute_force_count(random_model, mi
         assert ra.categories_of(r, 1, 2).keys() == set(CATEGORIES)
 
 
+@pytest.mark.tl3
 def test_rows_equal_the_fast_models_own_patterns(random_model, mixed_tokens):
     ra = read_attention(random_model, mixed_tokens)
     _, patterns = random_model.fast(mixed_tokens, need_patterns=True)
@@ -104,6 +110,7 @@ def test_rows_equal_the_fast_models_own_patterns(random_model, mixed_tokens):
     assert torch.allclose(ra.last_write_mass, lw, atol=1e-5)
 
 
+@pytest.mark.tl3
 def test_streaming_does_not_depend_on_chunking(random_model, mixed_tokens):
     full = last_write_mass(random_model, mixed_tokens)
     one = last_write_mass(random_model, mixed_tokens, batch_size=1)
@@ -120,6 +127,7 @@ def test_streaming_does_not_depend_on_chunking(random_model, mixed_tokens):
     assert auto_batch_size(random_model, 512, memory_mb=64) == 64 * 2**20 // (2 * 4 * 512 * 512 * 4)
 
 
+@pytest.mark.tl3
 def test_top_keys_have_token_and_distance(random_model, mixed_tokens):
     ra = read_attention(random_model, mixed_tokens, top_k=5)
     rows = ra.rows.masked_fill(ra.rows < 0, 0)
@@ -139,6 +147,7 @@ def test_top_keys_have_token_and_distance(random_model, mixed_tokens):
     assert {t["token"] for t in top} == {"w", "1", "r"} and all(t["distance"] == 2 - t["pos"] for t in top)
 
 
+@pytest.mark.tl3
 def test_result_objects_show_and_plot(random_model, mixed_tokens):
     ra = read_attention(random_model, mixed_tokens[:2], read_heads=[(1, 0)])
     page = ra._repr_html_()
@@ -216,6 +225,7 @@ def test_cli_defaults_to_a_sparse_sequence_and_html(circuit_ckpt, tmp_path, caps
     assert (tmp_path / "h.html").stat().st_size > 1_000_000
 
 
+@pytest.mark.tl3
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -234,6 +244,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(circuit_ckpt, capsys, args, messag
     assert message in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.tl3
 def test_cli_circuit_read_head_is_detected(circuit_ckpt, capsys):
     code, out, _ = run_cli(capsys, circuit_ckpt, "--seq", "w0i1w1r1", "--ref-n", "8")
     assert code == 0

@@ -1,4 +1,7 @@
-"""The hand-built flip-flop circuit: exact at high sharpness, glitches where the closed form says."""
+"""The hand-built flip-flop circuit: exact at high sharpness, glitches where the closed form says.
+
+Tests marked ``tl3`` also run on TransformerLens 3.x (``HookedTransformer``).
+"""
 
 from __future__ import annotations
 
@@ -69,6 +72,7 @@ def test_glitch_region_is_monotone_and_nontrivial():
     assert (region[1:].int() >= region[:-1].int()).all()
 
 
+@pytest.mark.tl3
 def test_predictions_match_the_closed_form_region_on_a_grid(low):
     fast = low.fast
     rows, expect, probes = [], [], []
@@ -94,6 +98,7 @@ def test_predictions_match_the_closed_form_region_on_a_grid(low):
     assert torch.equal(h.pred, s.pred)
 
 
+@pytest.mark.tl3
 def test_exact_attention_mass_equals_the_closed_form(low, high):
     for model, atol in ((low, 1e-5), (high, 2e-3)):
         p = CircuitParams.from_meta(model.meta)
@@ -126,6 +131,7 @@ def test_closed_form_predicts_every_read(low):
     assert int(mask.sum()) > 500
 
 
+@pytest.mark.tl3
 def test_read_head_detection_names_the_read_head(low, high):
     for model in (low, high):
         rh = detect_read_heads(model, "in", "sparse", n=32, seq_len=T)
@@ -134,6 +140,7 @@ def test_read_head_detection_names_the_read_head(low, high):
     assert float(rh.score[READ_HEAD]) > 0.99
 
 
+@pytest.mark.tl3
 def test_checkpoint_carries_the_region(tmp_path):
     path = tmp_path / "circuit.pt"
     save_circuit(path, LOW, block_size=T)

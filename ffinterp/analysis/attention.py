@@ -615,9 +615,12 @@ class ReadHeads:
 
     @property
     def stable(self) -> bool | None:
-        """True when the check set names the same read heads (None without a check set)."""
+        """True when the check set names the same read heads (None without a check set, or
+        when it had no reads to score)."""
         ch = self.check_heads
-        return None if ch is None else set(ch) == set(self.heads)
+        if ch is None or self.n_check_reads == 0:
+            return None
+        return set(ch) == set(self.heads)
 
     def labelled(self) -> Labelled:
         coords = {"layer": tuple(range(self.score.shape[0])), "head": tuple(range(self.score.shape[1]))}
