@@ -86,7 +86,9 @@ def reference_stats(ffl, seq_len: int, n: int = 64, chunk: int = 8) -> Reference
     return ReferenceStats(m.mean(0), torch.quantile(m, 0.05, dim=0), s.mean(0), heads, det, len(m))
 
 
-def failure_mode(row: Tensor, tokens: Tensor, read_pos: int, typical: float, low: float) -> dict:
+def failure_mode(
+    row: Float[Tensor, " key"], tokens: Int[Tensor, " seq"], read_pos: int, typical: float, low: float
+) -> dict:
     """One read head's failure, from its attention row at the read:
 
     * wrong write: an earlier write holds more mass than the last write (its bit, distance);

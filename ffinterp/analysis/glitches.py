@@ -508,7 +508,9 @@ class GlitchFinder:
             "strategy": strategy.name,
             "seed": self.seed,
             "origin": origins[row] if row < len(origins) else {},
-            "scored_at": scored_now,
+            # position in the strategy's stream: the sequences scored up to and including
+            # this one, as if scored one at a time (ctx.scored already counts the batch)
+            "scored_at": scored_now - len(sc.tokens) + row + 1,
             "minimized": None,
             "diagnosis": None,
         }

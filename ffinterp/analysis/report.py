@@ -119,7 +119,12 @@ class GlitchReport:
         panels = ((1, "rate_by_gap", "gap (tokens)"), (2, "rate_by_decoys", "earlier opposite-bit writes"))
         for col, key, title in panels:
             bins = self.summary.get(key) or []
-            labels = [f"{b['lo']}-{b['hi'] - 1}" if b["hi"] else f"{b['lo']}+" for b in bins]
+            labels = [
+                f"{b['lo']}+"
+                if not b["hi"]
+                else (str(b["lo"]) if b["hi"] == b["lo"] + 1 else f"{b['lo']}-{b['hi'] - 1}")
+                for b in bins
+            ]
             fig.add_bar(
                 x=labels,
                 y=[b["rate"] for b in bins],
@@ -131,7 +136,7 @@ class GlitchReport:
             )
             fig.update_xaxes(title_text=title, row=1, col=col)
             fig.update_yaxes(title_text="errors / reads scored", row=1, col=col)
-        fig.update_layout(height=380, margin=dict(l=60, r=20, t=40, b=60))
+        fig.update_layout(height=380, margin=dict(l=60, r=20, t=40, b=60), template="plotly_white")
         return fig
 
     def heatmap(self, k: int):
