@@ -235,14 +235,11 @@ def _sites(kind: str, by_pos: bool, n_layers: int, n_heads: int, seq: int):
 def _differs(kind: str, clean: Tensor, corrupted: Tensor, sites: Tensor) -> Tensor:
     """True where a site's clean and corrupted activations differ (else patching is a no-op)."""
     layout = HOOKS[kind][1]
-    d = clean != corrupted
+    d = (clean != corrupted).any(-1).cpu()  # pos: [pos]; head: [pos, head]; pattern: [head, dest]
     if layout == "pos":
-        d = d.flatten(1).any(-1) if d.ndim > 2 else d.any(-1)  # [pos]
         return torch.where(sites[:, 1] < 0, d.any(), d[sites[:, 1].clamp(min=0)])
     if layout == "head":
-        d = d.any(-1)  # [pos, head]
         return torch.where(sites[:, 1] < 0, d.any(0)[sites[:, 2]], d[sites[:, 1].clamp(min=0), sites[:, 2]])
-    d = d.any(-1)  # pattern [head, dest]
     return torch.where(sites[:, 1] < 0, d.any(1)[sites[:, 2]], d[sites[:, 2], sites[:, 1].clamp(min=0)])
 
 

@@ -113,8 +113,9 @@ class PatchResult:
     def top(self, k: int = 10) -> Table:
         """The ``k`` sites with the largest absolute effect, largest first."""
         flat = self.effect.detach().float().cpu().flatten()
-        k = min(k, flat.numel())
-        order = flat.abs().argsort(descending=True, stable=True)[:k]
+        size = flat.abs().nan_to_num(nan=0.0)
+        k = min(k, int((size > 0).sum()))  # sites with no effect (or not run) are left out
+        order = size.argsort(descending=True, stable=True)[:k]
         rows = []
         for rank, i in enumerate(order.tolist(), 1):
             idx = torch.unravel_index(torch.tensor(i), self.shape)
