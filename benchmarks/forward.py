@@ -109,7 +109,10 @@ def main() -> None:
     ap.add_argument("--hooked-repeats", type=int, default=1)
     ap.add_argument("--no-hooked", action="store_true")
     ap.add_argument("--no-plain", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "

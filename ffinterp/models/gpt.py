@@ -264,7 +264,7 @@ class GPT(nn.Module):
         buffers: dict[str, Tensor] = {}
         for block in tr.h:
             attn = block.attn
-            qkv = _linear_into(_norm_into(block.ln_1, flat, buffers), attn.c_attn, buffers, "qkv")
+            qkv = _linear_into(block.ln_1(flat), attn.c_attn, buffers, "qkv")
             q, k, v = (z.view(b, t, h, c // h).transpose(1, 2) for z in qkv.view(b, t, 3 * c).split(c, dim=2))
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             merged = _buffer(buffers, "merged", (b * t, c), flat)
@@ -273,7 +273,7 @@ class GPT(nn.Module):
             _add_linear_(flat, merged, attn.c_proj)
             if not block.attn_only:
                 mlp = block.mlp
-                hidden = _linear_into(_norm_into(block.ln_2, flat, buffers), mlp.c_fc, buffers, "hidden")
+                hidden = _linear_into(block.ln_2(flat), mlp.c_fc, buffers, "hidden")
                 torch.ops.aten.gelu_(hidden, approximate=mlp.approximate)
                 _add_linear_(flat, hidden, mlp.c_proj)
         return x
@@ -300,18 +300,3 @@ def _add_linear_(residual: Tensor, x: Tensor, lin: nn.Linear) -> None:
     residual.addmm_(x, lin.weight.t())
     if lin.bias is not None:
         residual.add_(lin.bias)
-
-
-def _norm_into(norm: nn.Module, x: Tensor, buffers: dict[str, Tensor]) -> Tensor:
-    """``norm(x)`` for 2-D ``x``: LayerNorm into a reused buffer, Identity as is."""
-    if not isinstance(norm, LayerNorm):
-        return norm(x)
-    out = _buffer(buffers, "norm", tuple(x.shape), x)
-    stats = (
-        _buffer(buffers, "norm_mean", (x.shape[0], 1), x),
-        _buffer(buffers, "norm_rstd", (x.shape[0], 1), x),
-    )
-    torch.ops.aten.native_layer_norm.out(
-        x, [x.shape[-1]], norm.weight, norm.bias, norm.eps, out0=out, out1=stats[0], out2=stats[1]
-    )
-    return out
