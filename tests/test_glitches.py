@@ -284,3 +284,48 @@ def test_cli_bad_options_in_process(ckpt, tmp_path, capsys, args, needle):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0]
+
+
+def test_ground_truth_on_the_hand_built_circuit_at_low_sharpness():
+    """Every glitch found lies in the closed-form region, every structured decoy case the
+    closed form says fails is found, and the diagnosis names the dilution it is."""
+    from ffinterp.analysis.search import Families, family_grid
+    from ffinterp.models.constructed import circuit_model, closed_form_predictions, predicted_error
+
+    rho = 8.0  # well below min_exact_sharpness(64) = 21.5: glitches exist
+    circuit = circuit_model(rho, block_size=T)
+    params = circuit.fast.circuit
+    fam = Families(families=("decoys",))
+    n_points = len(family_grid(fam.families))
+    report = find_glitches(
+        circuit,
+        fam,
+        16 * n_points,
+        batch_size=16,
+        max_glitches=10**6,
+        minimize=False,
+        **{k: v for k, v in FAST.items() if k != "batch_size"},
+    )
+    assert len(report) > 0
+    for g in report:
+        pred = closed_form_predictions(from_text(g["text"]), params)[0, g["read_pos"]]
+        assert pred != "01".index(g["expected"]) + 3, g["text"]
+    found = {tuple(sorted(g["origin"].items())) for g in report if g["origin"]["family"] == "decoys"}
+    s = T // 2
+    for _, p in family_grid(("decoys",)):
+        gap = 2 * max(1, min(s - 3, round(p["gap_frac"] * (s - 1))))
+        k = min(p["n_decoys"], s - 1 - gap // 2 - 1)
+        if p["near"] and predicted_error(gap, k + 1, rho):  # the packed probe of this cell fails
+            assert any(dict(f)["n_decoys"] == p["n_decoys"] and dict(f)["gap_frac"] == p["gap_frac"]
+                       and dict(f)["near"] == 1 for f in found), p  # fmt: skip
+
+    small = find_glitches(circuit, "evolve", 2000, seed=1, max_glitches=1, seq_len=T, device="cpu")
+    assert len(small) == 1
+    for g in small:
+        mini = g["minimized"]
+        pred = closed_form_predictions(from_text(mini["text"]), params)[0, mini["read_pos"]]
+        assert pred != "01".index(g["expected"]) + 3
+        assert g["diagnosis"]["read_heads"][0]["head"] == "L1H0"
+        causal = g["diagnosis"]["causal"]
+        assert g["diagnosis"]["label"] == "dilution" and causal["fixed"]
+        assert causal["clean_output"]["fixed"]  # the clean run's read-head output fixes it too

@@ -2,8 +2,9 @@
 
 Causality makes the first step exact: nothing after the failing read can change its
 prediction, so the sequence is cut right after it (or, keeping the model's length, every
-later instruction becomes an ignore). Then, each in batched delta-debugging rounds that try
-chunks of every size at once and keep the largest edit that still fails:
+later instruction becomes an ignore). Then, each by delta debugging (all at once, then
+halves, quarters ...; the chunks of one granularity scored as one batch), keeping every
+edit after which the read still fails:
 
 1. writes and reads become ignores (the first write, the failing read and its last write
    stay, so the minimal form is the same glitch: same read, same expected bit);
@@ -22,7 +23,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from ffinterp.analysis.search import relabel
-from ffinterp.language import ONE, ZERO, I, R, W, last_write_pos, to_text
+from ffinterp.language import ONE, ZERO, I, R, last_write_pos, to_text
 
 
 @dataclass(frozen=True)
@@ -52,23 +53,10 @@ def margin_at(
     return correct - others
 
 
-def _chunks(slots: list[int], max_candidates: int) -> list[list[int]]:
-    """Consecutive chunks of ``slots`` at every halving size, coarsest first, within a cap."""
-    out: list[list[int]] = []
-    n = len(slots)
-    size = n
-    while size >= 1:
-        parts = [slots[k : k + size] for k in range(0, n, size)]
-        if len(out) + len(parts) > max_candidates:
-            break
-        out += parts
-        if size == 1:
-            break
-        size = (size + 1) // 2
-    return out
-
-
 class _Minimizer:
+    """Scores candidates on the fast model and runs delta debugging (Zeller's ddmin) with
+    each granularity's chunks scored as one batch."""
+
     def __init__(self, model, device, batch_size, max_scored):
         self.model, self.device, self.batch_size, self.max_scored = model, device, batch_size, max_scored
         self.scored = 0
@@ -80,27 +68,74 @@ class _Minimizer:
         self.scored += len(batch)
         return torch.cat(out)
 
-    def best_edit(self, x: Tensor, pos: int, chunks: list[list[int]], apply) -> tuple[Tensor, bool]:
-        """Apply the largest chunk edit that keeps the read failing (ties: lowest margin)."""
-        if not chunks or self.scored >= self.max_scored:
-            return x, False
-        cands = relabel(torch.stack([apply(x.clone(), c) for c in chunks]))
-        m = self.margins(cands, pos)
-        ok = (m < 0).nonzero().flatten().tolist()
-        if not ok:
-            return x, False
-        k = min(ok, key=lambda j: (-len(chunks[j]), float(m[j]), j))
-        return cands[k], True
+    def ddmin(self, x: Tensor, pos: int, slots_of, apply) -> tuple[Tensor, int, bool]:
+        """Remove chunks of ``slots_of(x, pos)`` with ``apply(x, pos, chunk) -> (x, pos)`` while
+        the read still fails: all at once first, then halves, quarters ... (after a success
+        the granularity steps back). Candidates of one length are scored in one batch."""
+        changed = False
+        gran = 1
+        while self.scored < self.max_scored:
+            slots = slots_of(x, pos)
+            if not slots:
+                break
+            gran = min(gran, len(slots))
+            size = -(-len(slots) // gran)
+            chunks = [slots[k : k + size] for k in range(0, len(slots), size)]
+            groups: dict[tuple[int, int], list[tuple[Tensor, list[int]]]] = {}
+            for c in chunks:
+                y, p = apply(x.clone(), pos, c)
+                groups.setdefault((len(y), p), []).append((relabel(y[None])[0], c))
+            best = None
+            for (_, p), items in groups.items():
+                m = self.margins(torch.stack([y for y, _ in items]), p)
+                for (y, c), mj in zip(items, m.tolist()):
+                    if mj < 0 and (best is None or (-len(c), mj) < (-len(best[2]), best[3])):
+                        best = (y, p, c, mj)
+            if best is not None:
+                x, pos, changed = best[0], best[1], True
+                gran = max(1, gran - 1)
+            elif size == 1:
+                break
+            else:
+                gran = min(2 * gran, len(slots))
+        return x, pos, changed
 
 
-def _set_ignore(x: Tensor, slots: list[int]) -> Tensor:
+def _set_ignore(x: Tensor, pos: int, slots: list[int]) -> tuple[Tensor, int]:
     x[[2 * s for s in slots]] = I
-    return x
+    return x, pos
 
 
-def _zero_bits(x: Tensor, slots: list[int]) -> Tensor:
+def _zero_bits(x: Tensor, pos: int, slots: list[int]) -> tuple[Tensor, int]:
     x[[2 * s + 1 for s in slots]] = ZERO
-    return x
+    return x, pos
+
+
+def _delete_pairs(x: Tensor, pos: int, slots: list[int]) -> tuple[Tensor, int]:
+    keep = torch.ones(len(x), dtype=torch.bool)
+    for s in slots:
+        keep[2 * s : 2 * s + 2] = False
+    return x[keep], pos - 2 * sum(1 for s in slots if 2 * s < pos)
+
+
+def _protected(x: Tensor, pos: int) -> set[int]:
+    """Slots that stay: the opening write, the read's last write, the read, the final read."""
+    lw = int(last_write_pos(x[None])[0, pos])
+    return {0, lw // 2, pos // 2, len(x) // 2 - 1}
+
+
+def _active(x: Tensor, pos: int) -> list[int]:
+    keep = _protected(x, pos)
+    return [s for s in range(len(x) // 2) if int(x[2 * s]) != I and s not in keep]
+
+
+def _ignores(x: Tensor, pos: int) -> list[int]:
+    keep = _protected(x, pos)
+    return [s for s in range(len(x) // 2) if int(x[2 * s]) == I and s not in keep]
+
+
+def _ignores_with_one(x: Tensor, pos: int) -> list[int]:
+    return [s for s in _ignores(x, pos) if int(x[2 * s + 1]) == ONE]
 
 
 def minimize(
@@ -111,12 +146,13 @@ def minimize(
     shorten: bool = True,
     device: torch.device | str = "cpu",
     batch_size: int = 256,
-    max_scored: int = 20_000,
+    max_scored: int = 4_000,
 ) -> Minimized:
     """The minimal failing form of the glitch at ``read_pos`` of ``tokens`` (fast model).
 
     ``shorten=False`` keeps the model's length (later instructions become ignores); else the
     sequence ends at the read and ignore pairs are deleted while the read still fails.
+    ``max_scored`` caps the sequences scored (the result is then smaller, not minimal).
     """
     mz = _Minimizer(model, torch.device(device), batch_size, max_scored)
     x = torch.as_tensor(tokens).clone().long()
@@ -128,59 +164,14 @@ def minimize(
         x[pos + 3 : -1 : 2] = ZERO
         x[-2] = R
         x = relabel(x[None])[0]
-    cap = max(1, batch_size)
-
-    def protected(x: Tensor, pos: int) -> set[int]:
-        lw = int(last_write_pos(x[None])[0, pos])
-        return {0, lw // 2, pos // 2, len(x) // 2 - 1}
-
-    changed = True
-    rounds = 0
-    while changed and rounds < 4:
-        changed = False
-        rounds += 1
-        # 1. writes and reads to ignores
-        while True:
-            keep = protected(x, pos)
-            slots = [s for s in range(len(x) // 2) if int(x[2 * s]) != I and s not in keep]
-            x, ok = mz.best_edit(x, pos, _chunks(slots, cap), _set_ignore)
-            if not ok:
-                break
-            changed = True
-        # 2. delete ignore pairs (chunks of equal size give equal lengths: score per size)
-        while shorten and len(x) > 4:
-            keep = protected(x, pos)
-            slots = [s for s in range(len(x) // 2) if int(x[2 * s]) == I and s not in keep]
-            best = None
-            for size in sorted({len(c) for c in _chunks(slots, cap)}, reverse=True):
-                group = [c for c in _chunks(slots, cap) if len(c) == size and len(x) - 2 * size >= 4]
-                if not group or mz.scored >= mz.max_scored:
-                    continue
-                cands = []
-                for c in group:
-                    drop = torch.ones(len(x), dtype=torch.bool)
-                    for s in c:
-                        drop[2 * s : 2 * s + 2] = False
-                    cands.append(x[drop])
-                cands = relabel(torch.stack(cands))
-                new_pos = len(cands[0]) - 2
-                m = mz.margins(cands, new_pos)
-                ok = (m < 0).nonzero().flatten().tolist()
-                if ok:
-                    k = min(ok, key=lambda j: (float(m[j]), j))
-                    best = (cands[k], new_pos)
-                    break
-            if best is None:
-                break
-            x, pos = best
-            changed = True
-    # 3. canonical bits: ignores' bits to 0 where the read still fails
-    while True:
-        keep = protected(x, pos)
-        slots = [s for s in range(len(x) // 2) if int(x[2 * s]) == I and int(x[2 * s + 1]) == ONE]
-        x, ok = mz.best_edit(x, pos, _chunks([s for s in slots if s not in keep], cap), _zero_bits)
-        if not ok:
+    for _ in range(3):  # deleting pairs can make more instructions removable, and back
+        x, pos, a = mz.ddmin(x, pos, _active, _set_ignore)
+        c = False
+        if shorten and len(x) > 4:
+            x, pos, c = mz.ddmin(x, pos, _ignores, _delete_pairs)
+        if not (a or c):
             break
+    x, pos, _ = mz.ddmin(x, pos, _ignores_with_one, _zero_bits)
     margin = float(mz.margins(x[None], pos)[0])
     instr = x[0::2]
     return Minimized(
@@ -193,4 +184,4 @@ def minimize(
     )
 
 
-__all__ = ["Minimized", "margin_at", "minimize", "W"]
+__all__ = ["Minimized", "margin_at", "minimize"]
