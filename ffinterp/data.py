@@ -64,18 +64,30 @@ def iter_batches(
     mix: Mix,
     seed: int,
     start: int = 0,
+    part: tuple[int, int] = (0, 1),
 ) -> Iterator[tuple[int, Int[Tensor, "batch seq"]]]:
-    """Stream rows ``start .. n`` of a seeded stream as (offset, batch), never all at once."""
-    for offset in range(start, n, batch_size):
+    """Stream rows ``start .. n`` of a seeded stream as (offset, batch), never all at once.
+
+    ``part=(k, parts)`` keeps batches ``k, k + parts, ...`` only: a distributed rank's
+    disjoint share of the same stream (the union over ``k`` is the whole stream).
+    """
+    k, parts = part
+    for offset in range(start, n, batch_size)[k::parts]:
         yield offset, sample(min(batch_size, n - offset), seq_len, mix=mix, seed=seed, offset=offset)
 
 
 def iter_eval_set(
-    name: str, n: int | None = None, seq_len: int = 512, batch_size: int = 256
+    name: str,
+    n: int | None = None,
+    seq_len: int = 512,
+    batch_size: int = 256,
+    part: tuple[int, int] = (0, 1),
 ) -> Iterator[tuple[int, Int[Tensor, "batch seq"]]]:
-    """Stream a standard evaluation set in batches (the sparse set is 80M tokens)."""
+    """Stream a standard evaluation set in batches (the sparse set is 80M tokens); ``part``
+    as in :func:`iter_batches`."""
     spec = eval_set_spec(name)
-    yield from iter_batches(spec.size if n is None else n, batch_size, seq_len, mix=spec.mix, seed=spec.seed)
+    size = spec.size if n is None else n
+    yield from iter_batches(size, batch_size, seq_len, mix=spec.mix, seed=spec.seed, part=part)
 
 
 # ---------------------------------------------------------------- files

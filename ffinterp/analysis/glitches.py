@@ -357,7 +357,8 @@ class GlitchFinder:
             }
             if d.active:  # back to the agreed state; rank 0 merges everyone's round into it
                 self.state, self.glitches = agreed, self.glitches[:n0]
-            merged = self._merge_round(strategy, share, agreed, n0, d.gather(mine)) if d.is_main else None
+            results = d.gather(mine)  # every rank sends; rank 0 alone gets the list
+            merged = self._merge_round(strategy, share, agreed, n0, results) if d.is_main else None
             self._adopt(d.broadcast(merged), n0)
 
     def _merge_round(self, strategy: Strategy, share: int, base: dict, n0: int, results: list[dict]) -> dict:
@@ -394,7 +395,7 @@ class GlitchFinder:
             shard = state.setdefault("shard", {"world_size": self.dist.world_size, "migrants": {}})
             shard["world_size"] = self.dist.world_size
             if elites:
-                best = dict(sorted(elites, reverse=True))  # text -> its lowest margin
+                best = {text: m for m, text in sorted(elites, reverse=True)}  # text -> lowest margin
                 shard["migrants"][strategy.name] = sorted(best.items(), key=lambda tm: tm[1])[:MIGRANTS]
         return {"state": state, "records": accepted}
 

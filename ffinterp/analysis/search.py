@@ -598,7 +598,7 @@ class Evolve(Strategy):
             m = min(len(ctx.migrants), pop_n // 4)
             pop[pop_n - m :] = ctx.migrants[:m]
         sc = ctx.score(pop, origin={"restart": unit, "generation": 0}, record=1)
-        if bool((sc.min_margin < 0).any()):
+        if bool((sc.min_margin < 0).any()) or ctx.done:  # done: the budget cut this batch short
             return
         fit, weak = sc.min_margin, sc.weakest_pos
         best, stale = float(fit.min()), 0
@@ -613,7 +613,7 @@ class Evolve(Strategy):
             )
             children = assemble(instr, bits)
             sc = ctx.score(children, origin={"restart": unit, "generation": gen}, record=1)
-            if bool((sc.min_margin < 0).any()):
+            if bool((sc.min_margin < 0).any()) or ctx.done:
                 return
             pop = torch.cat([pop[: self.elite], children])
             fit = torch.cat([fit[: self.elite], sc.min_margin])

@@ -41,6 +41,11 @@ def _root(
 
 def fail(message: str) -> None:
     """Print one line and exit 2: the CLI's answer to bad input."""
+    from ffinterp.distributed import PeerError, env_world
+
+    found = env_world()
+    if found is not None and found[0] != 0:  # under torchrun every rank sees the same arguments
+        raise PeerError(message)  # and rank 0 alone says what is wrong with them
     raise FFInterpError(message)
 
 
@@ -93,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"ffinterp: error: {e.format_message()}", file=sys.stderr)
         sys.exit(2)
     except FFInterpError as e:
-        print(f"ffinterp: error: {e}", file=sys.stderr)
+        if not getattr(e, "silent", False):  # a torchrun rank repeating rank 0's error stays quiet
+            print(f"ffinterp: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("ffinterp: interrupted", file=sys.stderr)

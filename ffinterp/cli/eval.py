@@ -16,7 +16,12 @@ def eval_command(
         ..., help="ckpt.pt (ffinterp or nanoGPT), a GPT-2 folder, or pretrained:NAME."
     ),
     sets: str = typer.Option(",".join(STANDARD_SETS), "--sets", help="Comma-separated: in, sparse, dense."),
-    n: int = typer.Option(None, "--n", help="Sequences per set (default: each set's full size)."),
+    n: int = typer.Option(
+        None,
+        "--n",
+        "--sequences",
+        help="Sequences per set (default: each set's full size; under torchrun spell it --sequences).",
+    ),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per sequence (even, <= block_size)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Sequences per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
@@ -24,13 +29,24 @@ def eval_command(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
 ) -> None:
     """Score every read of the standard sets; 0 errors print as a 95% Clopper-Pearson upper bound."""
+    from ffinterp import distributed
     from ffinterp.evaluate import evaluate
 
     if n is not None and n < 1:
         fail(f"--n must be >= 1, got {n}")
     if batch_size < 1:
         fail(f"--batch-size must be >= 1, got {batch_size}")
+    dist = distributed.init(device)  # under torchrun: this rank's share, counts summed over ranks
     result = evaluate(
-        ckpt, sets, n=n, seq_len=seq_len, batch_size=batch_size, device=device, progress=progress
+        ckpt,
+        sets,
+        n=n,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        device=dist.device if dist.active else device,
+        progress=progress,
+        dist=dist,
     )
+    if not dist.is_main:
+        return
     typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.table())
