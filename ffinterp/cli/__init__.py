@@ -51,12 +51,12 @@ def fail(message: str) -> None:
 
 # Command modules register themselves on `app` when imported.
 from ffinterp.cli import attention as _attention  # noqa: E402,F401
-from ffinterp.cli import sample as _sample  # noqa: E402,F401
 from ffinterp.cli import eval as _eval  # noqa: E402,F401
-from ffinterp.cli import train as _train  # noqa: E402,F401
-from ffinterp.cli import pretrained as _pretrained  # noqa: E402,F401
 from ffinterp.cli import glitches as _glitches  # noqa: E402,F401
 from ffinterp.cli import patch as _patch  # noqa: E402,F401
+from ffinterp.cli import pretrained as _pretrained  # noqa: E402,F401
+from ffinterp.cli import sample as _sample  # noqa: E402,F401
+from ffinterp.cli import train as _train  # noqa: E402,F401
 
 
 def _click_exceptions(name: str) -> tuple[type[BaseException], ...]:
