@@ -25,10 +25,19 @@ TRAINED_TINY = dict(
 @pytest.fixture(scope="session")
 def trained_tiny_path(tmp_path_factory):
     """``ckpt.pt`` of the tiny model above, trained once per test session."""
+    import torch
+
     from ffinterp.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("trained_tiny")
-    return train(TrainConfig(**TRAINED_TINY), out, progress=False).path
+    # One thread: a tiny model gains nothing from more, and on a shared or xdist-loaded
+    # machine several threads spin against each other (10x the CPU time per step).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(TrainConfig(**TRAINED_TINY), out, progress=False).path
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
