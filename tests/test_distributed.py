@@ -150,7 +150,8 @@ def test_merge_folds_units_in_order_dedups_and_stops_at_max_glitches():
         after = json.loads(json.dumps(base))
         after["strategies"]["random"]["errors"] += errors
         after["gap"]["reads"][0] += 10
-        records = [{"id": 0, "text": t, "read_pos": 62, "unit": k} for t in texts]
+        after["minimize_scored"] += 7 * len(texts)  # work done, duplicates included
+        records = [{"id": 0, "text": t, "read_pos": 62, "unit": k, "minimized": {"scored": 7}} for t in texts]
         return {"unit": k, "scored": 64, "grad_evals": 0, "best_margin": -1.0 * k, "state": after,
                 "records": records, "elites": []}  # fmt: skip
 
@@ -172,6 +173,7 @@ def test_merge_folds_units_in_order_dedups_and_stops_at_max_glitches():
         True,
     )
     assert merged["state"]["gap"]["reads"][0] == 20
+    assert merged["state"]["minimize_scored"] == 21  # the kept glitches' cost, as in one process
     # a unit after the one that reached max_glitches is not counted at all
     finder.max_glitches = 2
     merged = finder._merge_round(strategy, 640, base, 0, [unit(4, ["a", "b"], 2), unit(5, ["c"], 1)])

@@ -391,6 +391,9 @@ class GlitchFinder:
             if len(kept) + len(accepted) >= self.max_glitches:
                 break
         st["done"] = st["scored"] >= share or len(kept) + len(accepted) >= self.max_glitches
+        if "minimize_scored" in state:  # the kept glitches' cost, not that of dropped duplicates
+            spent = sum((r.get("minimized") or {}).get("scored", 0) for r in accepted)
+            state["minimize_scored"] = base["minimize_scored"] + spent
         if self.dist.active:
             shard = state.setdefault("shard", {"world_size": self.dist.world_size, "migrants": {}})
             shard["world_size"] = self.dist.world_size
