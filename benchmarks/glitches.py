@@ -11,6 +11,9 @@ model trained here, which the output says) and every strategy, one search of up 
 * the mean minimised length (tokens) and active instructions of up to ``--minimize``
   of its glitches.
 
+The hand-built circuit (:mod:`ffinterp.models.constructed`) just below its exact sharpness
+is added as a model whose glitches are known in closed form and rare under sampling.
+
 Targets (issue 7): on the glitchy model the best strategy finds its first glitch with at
 least 100x fewer sequences than the baseline; on the mitigated model (0 errors on the
 standard sets) verified glitches appear within 10^5 sequences scored on CPU.
@@ -82,6 +85,16 @@ def models(names: list[str] | None, fallback_steps: int, device: str) -> list[tu
     ]
 
 
+def circuit(sharpness: float, seq_len: int, device: str) -> tuple[str, object, str]:
+    """The hand-built circuit just below the sharpness where it is exact: its only glitches
+    are reads after several opposite-bit writes packed before the last write (closed form)."""
+    from ffinterp.models.constructed import circuit_model, min_exact_sharpness
+
+    m = circuit_model(sharpness, block_size=seq_len, device=device)
+    note = f"hand-built circuit, sharpness {sharpness:g} (exact above {min_exact_sharpness(seq_len):.1f})"
+    return (f"circuit-{sharpness:g}", m, note)
+
+
 def run_one(model, strategy, budget: int, seed: int, max_glitches: int, n_min: int) -> dict:
     t0 = time.perf_counter()
     finder = GlitchFinder(
@@ -129,15 +142,20 @@ def main() -> None:
     ap.add_argument("--minimize", type=int, default=10, help="glitches minimised per search")
     ap.add_argument("--fallback-steps", type=int, default=1500)
     ap.add_argument("--json", default="", help="also write all figures here")
+    ap.add_argument(
+        "--circuit-sharpness", type=float, default=40.0, help="also the hand-built circuit (0: skip)"
+    )
+    ap.add_argument("--circuit-seq-len", type=int, default=128)
     args = ap.parse_args()
     print(
         f"glitch finder benchmark: budget {args.budget} per search, seed {args.seed}, "
         f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
     )
     results = {}
-    for name, model, note in models(
-        [n for n in args.models.split(",") if n], args.fallback_steps, args.device
-    ):
+    todo = models([n for n in args.models.split(",") if n], args.fallback_steps, args.device)
+    if args.circuit_sharpness > 0:
+        todo.append(circuit(args.circuit_sharpness, args.circuit_seq_len, args.device))
+    for name, model, note in todo:
         print(f"\n== {name} ({note}; T={model.cfg.block_size}, device {model.device})")
         rows = {}
         for label, strat in strategies().items():

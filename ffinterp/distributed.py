@@ -34,6 +34,7 @@ import torch.distributed as tdist
 from jaxtyping import Num
 from torch import Tensor
 
+from ffinterp.device import resolve_device
 from ffinterp.errors import FFInterpError
 
 ENV_TIMEOUT = "FFINTERP_DIST_TIMEOUT"
@@ -253,7 +254,6 @@ def init(device: str | torch.device = "auto") -> Dist:
     global _DIST, _CONTROL, _OWNED
     if _DIST is not None:
         return _DIST
-    from ffinterp.train import resolve_device
 
     found = env_world()
     if found is None or found[1] == 1:

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from ffinterp import distributed
 from ffinterp.data import STANDARD_SETS, eval_set_spec, iter_eval_set
+from ffinterp.device import resolve_device
 from ffinterp.errors import FFInterpError
 from ffinterp.language import BLOCK_ROWS, last_write_pos, read_mask
 from ffinterp.models.gpt import GPT
@@ -284,7 +285,7 @@ def evaluate(
     sets: str | Sequence[str] = DEFAULT_SETS,
     *,
     n: int | Mapping[str, int] | None = None,
-    seq_len: int | Mapping[str, int] = 512,
+    seq_len: int | Mapping[str, int] | None = None,
     batch_size: int = 64,
     device: str | torch.device = "auto",
     progress: bool = True,
@@ -294,12 +295,12 @@ def evaluate(
     """Score a model's reads on the standard sets (default: each set's full size).
 
     ``model`` is a fast GPT or LSTM, an ``FFLModel``, or anything :func:`load_checkpoint`
-    reads. ``n`` and ``seq_len`` may be one value or a per-set mapping. The model is put
+    reads. ``n`` and ``seq_len`` may be one value or a per-set mapping; ``seq_len`` defaults to
+    the model's block size (512, the paper's T, for a model without one). The model is put
     back on its device and in its train/eval mode afterwards. Under ``torchrun`` (``dist``:
     default :func:`ffinterp.distributed.current`) every rank calls this on its own device and
     gets the totals over all ranks.
     """
-    from ffinterp.train import resolve_device  # lazy: train may come to import this module
 
     fast, description = _as_model(model)
     names = [s.strip() for s in sets.split(",")] if isinstance(sets, str) else list(sets)
@@ -314,7 +315,7 @@ def evaluate(
     for name in names:
         spec = eval_set_spec(name)
         rows = _per_set(n, name, spec.size)
-        t = _per_set(seq_len, name, 512)
+        t = _per_set(seq_len, name, block or 512)
         if rows is None or rows < 1:
             raise FFInterpError(f"set {name}: n must be >= 1, got {rows}")
         if t is None or t < 4 or t % 2:

@@ -19,6 +19,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from ffinterp import language
+from ffinterp.device import resolve_device
 from ffinterp.models.gpt import GPT
 from ffinterp.models.lstm import LSTM
 from ffinterp.scoring import ReadScores, score_tokens
@@ -71,8 +72,6 @@ class FFLModel:
         The hooked model gets a copy of the weights as they are now; rebuild after training.
         ``tl3_options`` (``use_attn_result`` ...) go to :func:`ffinterp.tl_seam.build_hooked`.
         """
-        from ffinterp.train import resolve_device
-
         dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
         model = model.to(dev).eval()
         if isinstance(model, GPT):

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ffinterp.checkpoints import load_checkpoint, save_checkpoint
 from ffinterp.data import STANDARD_SETS, eval_set
+from ffinterp.device import resolve_device
 from ffinterp.language import Mix, read_mask, reads, sample
 from ffinterp.models.gpt import GPT, PRESETS, preset
 from ffinterp.models.lstm import LSTM, LSTMConfig
@@ -72,13 +73,6 @@ class TrainConfig:
         if self.mixture:
             return "mixture of " + ", ".join(f"FFL({p})" for p in self.mixture)
         return f"FFL({self.p_i})"
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` is CUDA when there is a GPU, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def build(cfg: TrainConfig) -> nn.Module:

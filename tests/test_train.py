@@ -149,9 +149,16 @@ def test_bad_configs_are_refused():
 
 @pytest.mark.slow
 def test_tiny_model_learns_the_task(tmp_path):
-    cfg = TrainConfig(seq_len=32, batch_size=64, steps=400, lr=3e-3, warmup=50, eval_every=0, ckpt_every=0)
-    result = train(cfg, tmp_path, progress=False)
+    # lr 1e-3 for 700 steps: learnt by seeds 0-7 here (400 steps or lr 3e-3 left some
+    # seeds on the ~85% plateau, and which seed plateaus varies with the machine).
+    cfg = TrainConfig(seq_len=32, batch_size=64, steps=700, lr=1e-3, warmup=50, eval_every=0, ckpt_every=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 3x faster under xdist than threads spinning against each other
+    try:
+        result = train(cfg, tmp_path, progress=False)
+    finally:
+        torch.set_num_threads(threads)
     model = load_checkpoint(result.path).model
     assert isinstance(model, GPT)
     accuracy = read_accuracy(model, eval_set("in", 500, 32))
-    assert accuracy > 0.97, accuracy
+    assert accuracy > 0.99, accuracy

@@ -79,7 +79,7 @@ def assemble(instr: np.ndarray | Tensor, bits: np.ndarray | Tensor) -> Int[Tenso
     return relabel(out)
 
 
-def invalid_rows(tokens: Int[Tensor, "batch seq"]) -> Tensor:
+def invalid_rows(tokens: Int[Tensor, "batch seq"]) -> Int[Tensor, " bad"]:
     """Indices of rows that break the grammar (vectorised :func:`ffinterp.language.validate`)."""
     instr, bits = tokens[:, 0::2], tokens[:, 1::2]
     bad = ((instr < W) | (instr > I)).any(1) | ((bits != ZERO) & (bits != ONE)).any(1)

@@ -22,7 +22,9 @@ def eval_command(
         "--sequences",
         help="Sequences per set (default: each set's full size; under torchrun spell it --sequences).",
     ),
-    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per sequence (even, <= block_size)."),
+    seq_len: int = typer.Option(
+        None, "--seq-len", help="Tokens per sequence (even; default: the model's block size)."
+    ),
     batch_size: int = typer.Option(64, "--batch-size", help="Sequences per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
