@@ -1,0 +1,53 @@
+"""The README's Python examples run as written (with a smaller budget), so they cannot rot."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+
+
+def test_readme_has_the_library_example_and_the_strategy_example() -> None:
+    blocks = python_blocks()
+    assert len(blocks) == 2
+    assert len([line for line in blocks[0].splitlines() if line.strip()]) <= 10  # "ten lines"
+
+
+@pytest.mark.slow
+def test_library_example_runs(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code = python_blocks()[0].replace("budget=5000", "budget=256")
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    report = scope["report"]
+    assert len(report) > 0  # the shipped glitchy model errs on sparse reads
+    assert (tmp_path / "glitches" / "glitches.jsonl").stat().st_size > 0
+    assert "<table" in report._repr_html_()
+    assert scope["heads"].heads  # at least one read head named
+
+
+def test_strategy_example_registers_and_searches() -> None:
+    from ffinterp.analysis.search import STRATEGIES
+    from ffinterp.language import I, W, reads
+    from ffinterp.models.constructed import circuit_model
+
+    exec(compile(python_blocks()[1], "README.md", "exec"), {})
+    assert "all-ignores" in STRATEGIES
+    import ffinterp
+
+    report = ffinterp.find_glitches(
+        circuit_model(40.0, block_size=32, device="cpu"), "all-ignores", budget=64, diagnose=False
+    )
+    assert report.summary["scored"] == 64
+    for g in report:  # whatever it finds has the strategy's shape: one write, then ignores
+        tokens = ffinterp.from_text(g["text"])[0]
+        instr = tokens[0::2]
+        assert int((instr == W).sum()) == 1 and int(((instr == I) | (instr == W)).sum()) == len(instr) - 1
+        assert len(reads(tokens[None])) == 1
