@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from ffinterp.checkpoints import load_checkpoint, save_checkpoint
 from ffinterp.data import STANDARD_SETS, eval_set
 from ffinterp.device import resolve_device
+from ffinterp.errors import FFInterpError
 from ffinterp.language import Mix, read_mask, reads, sample
 from ffinterp.models.gpt import GPT, PRESETS, preset
 from ffinterp.models.lstm import LSTM, LSTMConfig
@@ -55,6 +56,7 @@ class TrainConfig:
     ckpt_every: int = 500
     seed: int = 0
     device: str = "auto"
+    init_from: str = ""  # fine-tune: start from this checkpoint's weights (fresh optimizer)
 
     def __post_init__(self) -> None:
         if self.loss not in ("reads", "all"):
@@ -183,6 +185,22 @@ class TrainResult:
     interrupted: bool = False
 
 
+def init_weights(model: nn.Module, cfg: TrainConfig) -> None:
+    """Copy ``cfg.init_from``'s weights into ``model``: fine-tuning a trained model with a
+    mitigation (e.g. the rare-sequence mixture) instead of training it from scratch."""
+    from ffinterp.pretrained import resolve
+
+    source = load_checkpoint(resolve(cfg.init_from)).model
+    try:
+        model.load_state_dict(source.state_dict())
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1].strip()
+        raise FFInterpError(
+            f"--init-from {cfg.init_from}: its weights do not fit a {cfg.preset} model "
+            f"at seq_len {cfg.seq_len} ({first})"
+        ) from None
+
+
 def train(
     cfg: TrainConfig,
     out: str | Path,
@@ -213,6 +231,8 @@ def train(
         start = int(loaded.raw["iter_num"])
         wall_before = float(loaded.meta.get("train", {}).get("wall_time_s", 0.0))
         history = list(loaded.meta.get("train", {}).get("history", []))
+    elif cfg.init_from:
+        init_weights(model, cfg)
     model.to(device).train()
     for state in opt.state.values():
         for k, v in state.items():

@@ -10,6 +10,7 @@ import torch
 
 from ffinterp.checkpoints import load_checkpoint
 from ffinterp.data import eval_set
+from ffinterp.errors import FFInterpError
 from ffinterp.language import W, read_mask
 from ffinterp.models.gpt import GPT
 from ffinterp.train import (
@@ -162,3 +163,22 @@ def test_tiny_model_learns_the_task(tmp_path):
     assert isinstance(model, GPT)
     accuracy = read_accuracy(model, eval_set("in", 500, 32))
     assert accuracy > 0.99, accuracy
+
+
+def test_init_from_starts_at_the_source_weights_with_its_own_recipe(tmp_path):
+    source = train(TrainConfig(steps=3, **SMALL), tmp_path / "a", progress=False).path
+    # lr 0: the fine-tune cannot move, so its weights are exactly the source's
+    tuned = TrainConfig(**{**SMALL, "lr": 0.0}, steps=2, mixture=[0.1, 0.98], init_from=str(source), seed=1)
+    result = train(tuned, tmp_path / "b", progress=False)
+    a, b = load_checkpoint(source), load_checkpoint(result.path)
+    for (name, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert torch.equal(x, y), name
+    assert b.raw["config"]["init_from"] == str(source)
+    assert b.meta["train"]["distribution"] == "mixture of FFL(0.1), FFL(0.98)"
+
+
+def test_init_from_a_different_shape_is_one_clear_error(tmp_path):
+    source = train(TrainConfig(steps=1, **SMALL), tmp_path / "a", progress=False).path
+    wrong = TrainConfig(**{**SMALL, "seq_len": 32}, steps=1, init_from=str(source))
+    with pytest.raises(FFInterpError, match=r"--init-from .*do not fit a tiny model at seq_len 32"):
+        train(wrong, tmp_path / "b", progress=False)

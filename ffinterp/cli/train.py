@@ -44,6 +44,9 @@ def train(
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device"),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/ckpt.pt."),
+    init_from: str = typer.Option(
+        "", "--init-from", help="Fine-tune: start from this checkpoint's weights (or pretrained:NAME)."
+    ),
 ) -> None:
     """Train a model on flip-flop data; Ctrl-C saves a valid checkpoint."""
     from ffinterp.train import TrainConfig
@@ -72,6 +75,7 @@ def train(
             ckpt_every=ckpt_every,
             seed=seed,
             device=device,
+            init_from=init_from,
         )
     except ValueError as e:
         fail(str(e))
