@@ -329,3 +329,26 @@ def test_ground_truth_on_the_hand_built_circuit_at_low_sharpness():
         causal = g["diagnosis"]["causal"]
         assert g["diagnosis"]["label"] == "dilution" and causal["fixed"]
         assert causal["clean_output"]["fixed"]  # the clean run's read-head output fixes it too
+
+
+def _head(name: str, label: str, mass: float, typical: float = 0.9) -> dict:
+    return {
+        "head": name,
+        "mode": {"label": label},
+        "last_write_mass": mass,
+        "typical_last_write_mass": typical,
+    }
+
+
+def test_the_glitch_is_put_down_to_the_abnormal_read_head_that_fixes_it() -> None:
+    from ffinterp.analysis.diagnose import blamed_head
+
+    normal, diluted = _head("L1H2", "other", 0.99), _head("L0H1", "dilution", 0.25, typical=0.75)
+    wrong = _head("L0H3", "wrong write", 0.4)
+    # a normal-looking first head does not hide the diluted one
+    assert blamed_head([normal, diluted], {})["head"] == "L0H1"
+    # among abnormal heads, the one whose own fix restores the read wins over a larger drop
+    fixes = {"L0H1": {"fixed": True}, "L0H3": {"fixed": False}}
+    assert blamed_head([normal, wrong, diluted], fixes)["head"] == "L0H1"
+    assert blamed_head([normal, wrong, diluted], {})["head"] == "L0H3"  # largest drop
+    assert blamed_head([normal, _head("L1H0", "other", 0.5)], {})["head"] == "L1H2"  # all normal: first

@@ -126,6 +126,24 @@ def failure_mode(
     return {"label": "other", "max_pair_mass": round(pairs[best], 4), "at": best}
 
 
+def blamed_head(heads: list[dict], per_head: dict[str, dict]) -> dict:
+    """The read head a glitch is put down to. With several read heads, the one that looks
+    normal must not hide the one that failed: prefer a head whose attention is abnormal and
+    whose own fix restores the read, then any abnormal head (the largest drop in
+    ``last_write_mass`` from its typical value), then the first read head."""
+
+    abnormal = [h for h in heads if h["mode"]["label"] != "other"]
+    if not abnormal:
+        return heads[0]
+    return max(
+        abnormal,
+        key=lambda h: (
+            bool(per_head.get(h["head"], {}).get("fixed")),
+            h["typical_last_write_mass"] - h["last_write_mass"],
+        ),
+    )
+
+
 def clean_counterpart(tokens: Int[Tensor, " seq"], read_pos: int) -> Int[Tensor, " seq"]:
     """The glitch with its history cleaned: every write before the last one becomes an ignore
     (the opening write keeps its place but takes the last write's bit). Same length, same
@@ -240,14 +258,23 @@ class Diagnoser:
                 p1, m1 = self.patch_to_last_write(tokens, read_pos, [lh])
                 one = {"prediction": p1, "margin": round(m1, 4), "fixed": m1 > 0}
                 causal["per_head"][head_name(*lh)] = one
+        blamed = blamed_head(heads, causal.get("per_head", {}))
         return {
-            "label": heads[0]["mode"]["label"],
+            "label": blamed["mode"]["label"],
             "read_heads": heads,
-            "mode": heads[0]["mode"],
+            "mode": {**blamed["mode"], "head": blamed["head"]},
             "causal": causal,
             "reference_reads": self.ref.n_reads,
             "read_heads_passed_threshold": bool(self.ref.detection["passed"]),
         }
 
 
-__all__ = ["LABELS", "Diagnoser", "ReferenceStats", "attention_rows", "failure_mode", "reference_stats"]
+__all__ = [
+    "LABELS",
+    "Diagnoser",
+    "blamed_head",
+    "ReferenceStats",
+    "attention_rows",
+    "failure_mode",
+    "reference_stats",
+]
