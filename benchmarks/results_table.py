@@ -80,19 +80,17 @@ def main() -> None:
 COMMENTARY = """
 ## How this compares with the paper
 
-The paper's qualitative picture holds where our models are trained enough to show it: the
-LSTM makes no error on any of the three sets (each rate is an upper bound), while the
-transformers err on every set. But our transformers are far from the paper's regime. They
-are `tiny` GPTs (2 layers, d_model 128) trained for 7,000 steps at T=128 on a shared 2-core
-CPU, not 6-layer models trained for 10,000 steps at T=512, and they are undertrained: the
-FFL(0.8)-only model still errs on about 8% of in-distribution reads, where the paper's
-models reach zero. So the "rare, sporadic" glitch regime (zero in-distribution errors,
-errors only far out of distribution) is not reproduced here; the issue that asked for it
-stays open. The mitigated model (a mixture of FFL(0.1), FFL(0.8), FFL(0.9), FFL(0.98) with
-embedding dropout 0.1) cuts the dense-set error about 3x (1.8e-2 to 5.4e-3) but is worse
-in-distribution and no better on the sparse set at this training length. That is the
-paper's warning in small: mitigations help unevenly and remove no glitch entirely. The
-orders-of-magnitude gains the paper reports need models trained to convergence first.
+The paper's picture holds at this small scale (2-layer `tiny` GPTs at T=128 on a CPU, not
+6-layer models at T=512). `tiny-glitchy`, trained on FFL(0.8) alone, makes no error on its own
+distribution (0 of 115,515 reads) or on the sparse set, yet errs on dense sequences at 2.2e-3:
+errors appear only away from the training distribution. The LSTM makes no error on any set.
+`tiny-mitigated` is `tiny-glitchy` fine-tuned on the paper's rare-sequence remedy (a mixture of
+FFL(0.1), FFL(0.8), FFL(0.9), FFL(0.98)); it brings the dense error from 260 errors to none
+(< 3.2e-5, a gain of at least 70x) and keeps the other two sets at zero. Sampling can no longer
+find its errors, but the mitigation did not remove them all: `ffinterp find-glitches` breaks it
+with grammar-preserving search (a write, then a long run of ignores; see the README). At T=128
+the standard sparse set is short, so sparse-style failures show up only under search, not in
+this table.
 """
 
 if __name__ == "__main__":
