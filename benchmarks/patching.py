@@ -175,7 +175,8 @@ def main() -> None:
             err = float((vals.float().cpu() - ours.values).abs().max())
             full_tl, how = t_tl, "measured"
         else:
-            got = ours.values[df["layer"].values, df["pos"].values, df["head"].values]
+            idx = [torch.as_tensor(df[c].to_numpy(copy=True)) for c in ("layer", "pos", "head")]
+            got = ours.values[idx[0], idx[1], idx[2]]
             err = float((vals.float().cpu() - got).abs().max())
             full_tl = t_tl / k * n_sites
             how = f"extrapolated from {k} sites, {t_tl / k * 1000:.0f} ms per site"
