@@ -352,3 +352,42 @@ def test_the_glitch_is_put_down_to_the_abnormal_read_head_that_fixes_it() -> Non
     assert blamed_head([normal, wrong, diluted], fixes)["head"] == "L0H1"
     assert blamed_head([normal, wrong, diluted], {})["head"] == "L0H3"  # largest drop
     assert blamed_head([normal, _head("L1H0", "other", 0.5)], {})["head"] == "L1H2"  # all normal: first
+
+
+def patch_hook(clean_act, head):
+    """Replace the activation with the clean one (one head's slice of ``hook_z``, or all)."""
+
+    def put(act, hook):
+        if head is None:
+            return clean_act
+        act[:, :, head] = clean_act[:, :, head]
+        return act
+
+    return put
+
+
+def test_best_clean_patch_is_what_patching_that_component_alone_gives(ffl):
+    """The diagnosis names the heads and MLPs whose clean-counterpart output best repairs the
+    read; redo the top one by hand with a TransformerLens hook and get the same logit diff."""
+    from ffinterp.analysis.diagnose import clean_counterpart
+
+    report = find_glitches(ffl, "random", 256, seed=1, max_glitches=4, **{**FAST, "diagnose": True})
+    checked = 0
+    for g in report:
+        clean_out = g["diagnosis"]["causal"]["clean_output"]
+        if not clean_out.get("applicable"):
+            continue
+        top = clean_out["top_sites"]
+        assert [s["logit_diff"] for s in top] == sorted((s["logit_diff"] for s in top), reverse=True)
+        tokens = from_text(g["text"])
+        clean = clean_counterpart(tokens, g["read_pos"])
+        m = re.fullmatch(r"L(\d+)H(\d+)|MLP(\d+)", top[0]["site"])
+        name = f"blocks.{m[1]}.attn.hook_z" if m[1] else f"blocks.{m[3]}.hook_mlp_out"
+        _, cache = ffl.hooked.run_with_cache(clean[None], names_filter=[name])
+        put = patch_hook(cache[name], int(m[2]) if m[1] else None)
+        with torch.no_grad():
+            logits = ffl.hooked.run_with_hooks(tokens[None], fwd_hooks=[(name, put)])[0, g["read_pos"]]
+        bit = 3 + int(g["expected"])  # token id of the correct bit
+        assert abs(float(logits[bit] - logits[7 - bit]) - top[0]["logit_diff"]) < 1e-3, (g["id"], top)
+        checked += 1
+    assert checked

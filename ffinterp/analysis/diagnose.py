@@ -221,7 +221,25 @@ class Diagnoser:
             heads[head_name(l, h)] = {"restored": round(v, 4), "fixed": g + v * (c - g) > 0}
         out["per_head"] = heads
         out["fixed"] = c > 0 and any(x["fixed"] for x in heads.values())
+        out["top_sites"] = self._top_sites(pair, res.values, c, g)
         return out
+
+    def _top_sites(
+        self, pair: Pair, head_values: Tensor, clean: float, glitch: float, k: int = 3
+    ) -> list[dict]:
+        """The components whose clean output alone best repairs the read, over every head and
+        MLP, with the read's logit difference after the patch (> 0: fixed): where to look when
+        the read heads' attention is normal (label ``other``)."""
+        from ffinterp.analysis.patching import activation_patch
+
+        n_layers, n_heads = head_values.shape
+        sites = [(head_name(l, h), float(head_values[l, h])) for l in range(n_layers) for h in range(n_heads)]
+        if not getattr(self.ffl.cfg, "attn_only", False):
+            mlp = activation_patch(self.ffl, pair, "mlp_out", by_pos=False).values
+            sites += [(f"MLP{l}", float(mlp[l])) for l in range(n_layers)]
+        after = [(name, glitch + v * (clean - glitch), v) for name, v in sites]
+        after.sort(key=lambda s: -s[1])
+        return [{"site": n, "logit_diff": round(a, 4), "restored": round(v, 4)} for n, a, v in after[:k]]
 
     def diagnose(self, tokens: Int[Tensor, " seq"], read_pos: int) -> dict:
         """The diagnosis stored with a glitch in ``glitches.jsonl``."""

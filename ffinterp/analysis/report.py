@@ -81,11 +81,13 @@ class GlitchReport:
     def table(self, n: int = 10) -> str:
         """A terminal table of the top glitches."""
         head = ("#", "strategy", "read", "gap", "decoys", "exp", "pred", "margin", "min len", "mode", "fixed")
+        head += ("best clean patch",)
         rows = [head]
         for g in self.top(n):
             d = g.get("diagnosis") or {}
             m = g.get("minimized") or {}
             fixed = (d.get("causal") or {}).get("fixed")
+            top = (((d.get("causal") or {}).get("clean_output") or {}).get("top_sites") or [None])[0]
             rows.append(
                 (
                     str(g["id"]),
@@ -99,6 +101,7 @@ class GlitchReport:
                     str(m.get("length", "-")),
                     d.get("label", "-"),
                     "-" if fixed is None else ("yes" if fixed else "no"),
+                    f"{top['site']} {top['logit_diff']:+.2f}" if top else "-",
                 )
             )
         widths = [max(len(r[k]) for r in rows) for k in range(len(head))]
