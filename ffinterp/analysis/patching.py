@@ -45,6 +45,7 @@ from ffinterp.errors import FFInterpError
 
 METRICS = ("logit_diff", "prob", "ce")
 DEFAULT_MEMORY_MB = 512.0
+CPU_MEMORY_MB = 80.0
 
 HOOKS = {
     "resid_pre": ("blocks.{l}.hook_resid_pre", "pos"),
@@ -91,7 +92,11 @@ def _check_kind(hk, kind: str) -> None:
 
 
 def auto_batch_size(hk, seq_len: int, memory_mb: float = DEFAULT_MEMORY_MB) -> int:
-    """Copies per forward pass that keep one layer's activations within ``memory_mb``."""
+    """Copies per forward pass that keep one layer's activations within ``memory_mb``. On a
+    CPU the budget is capped at ``CPU_MEMORY_MB``: rows that fit in cache run faster than big
+    batches (tiny at T=512: 14 ms a site in batches of 4, 20 ms in batches of 27)."""
+    if device_of(hk).type == "cpu":
+        memory_mb = min(memory_mb, CPU_MEMORY_MB)
     cfg = hk.cfg
     d_mlp = getattr(cfg, "d_mlp", None) or 4 * cfg.d_model
     per_row = 4 * (3 * cfg.n_heads * seq_len * seq_len + seq_len * (16 * cfg.d_model + 3 * d_mlp))
