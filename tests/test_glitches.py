@@ -390,4 +390,6 @@ def test_best_clean_patch_is_what_patching_that_component_alone_gives(ffl):
         bit = 3 + int(g["expected"])  # token id of the correct bit
         assert abs(float(logits[bit] - logits[7 - bit]) - top[0]["logit_diff"]) < 1e-3, (g["id"], top)
         checked += 1
+        shown = f"{top[0]['site']} {top[0]['logit_diff']:+.2f}"  # as the table and report show it
+        assert shown in report.table(len(report)) and shown in report._repr_html_()
     assert checked

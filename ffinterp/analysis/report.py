@@ -37,6 +37,14 @@ def _short(text: str, width: int = 36) -> str:
     return text if len(text) <= width else text[: width // 2 - 1] + "…" + text[-(width // 2) :]
 
 
+def best_clean_patch(diagnosis: dict) -> str:
+    """The component whose clean-counterpart output best repairs the read, and the read's
+    logit difference after that patch (> 0: repaired); "-" when not measured."""
+    clean = (diagnosis.get("causal") or {}).get("clean_output") or {}
+    top = (clean.get("top_sites") or [None])[0]
+    return f"{top['site']} {top['logit_diff']:+.2f}" if top else "-"
+
+
 class GlitchReport:
     """Verified glitches of one search with its summary; shows itself in Jupyter.
 
@@ -87,7 +95,6 @@ class GlitchReport:
             d = g.get("diagnosis") or {}
             m = g.get("minimized") or {}
             fixed = (d.get("causal") or {}).get("fixed")
-            top = (((d.get("causal") or {}).get("clean_output") or {}).get("top_sites") or [None])[0]
             rows.append(
                 (
                     str(g["id"]),
@@ -101,7 +108,7 @@ class GlitchReport:
                     str(m.get("length", "-")),
                     d.get("label", "-"),
                     "-" if fixed is None else ("yes" if fixed else "no"),
-                    f"{top['site']} {top['logit_diff']:+.2f}" if top else "-",
+                    best_clean_patch(d),
                 )
             )
         widths = [max(len(r[k]) for r in rows) for k in range(len(head))]
@@ -220,10 +227,11 @@ class GlitchReport:
                     f"<code>{html.escape(_short(m.get('text', '-'), 48))}</code>",
                     d.get("label", "-"),
                     "-" if not causal else ("fixed" if causal.get("fixed") else "not fixed"),
+                    best_clean_patch(d),
                 )
             )
         head = ["#", "strategy", "sequence", "read", "gap", "decoys", "exp → pred", "p(correct)", "margin",
-                "minimal form", "mode", "causal check"]  # fmt: skip
+                "minimal form", "mode", "causal check", "best clean patch"]  # fmt: skip
         return _html_table(head, rows, escape=False)
 
     def _repr_html_(self) -> str:
