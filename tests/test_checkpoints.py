@@ -253,6 +253,7 @@ class RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the refused file is a plain pickle
 @pytest.mark.parametrize("how", ["torch.save", "pickle.dump"])
 def test_pickle_that_would_run_code_is_refused(tmp_path, how):
     marker = tmp_path / "pwned"
