@@ -254,12 +254,11 @@ def init(device: str | torch.device = "auto") -> Dist:
     global _DIST, _CONTROL, _OWNED
     if _DIST is not None:
         return _DIST
-
     found = env_world()
     if found is None or found[1] == 1:
         local = found[2] if found else 0
         dev = rank_device(device, local, 1) if found and str(device) in ("auto", "cuda") else None
-        _DIST = Dist(device=dev or resolve_device(str(device)), timeout_s=timeout_s())
+        _DIST = Dist(device=dev or resolve_device(device), timeout_s=timeout_s())
         return _DIST
     rank, world, local = found
     dev = rank_device(device, local, world)

@@ -301,7 +301,6 @@ def evaluate(
     default :func:`ffinterp.distributed.current`) every rank calls this on its own device and
     gets the totals over all ranks.
     """
-
     fast, description = _as_model(model)
     names = [s.strip() for s in sets.split(",")] if isinstance(sets, str) else list(sets)
     if not names or not all(names):
@@ -324,7 +323,7 @@ def evaluate(
             raise FFInterpError(f"set {name}: seq_len {t} exceeds the model's block_size {block}")
         plan.append((spec, rows, t))
     try:
-        dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
+        dev = resolve_device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("CUDA is not available")
     except RuntimeError as e:

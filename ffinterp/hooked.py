@@ -72,7 +72,7 @@ class FFLModel:
         The hooked model gets a copy of the weights as they are now; rebuild after training.
         ``tl3_options`` (``use_attn_result`` ...) go to :func:`ffinterp.tl_seam.build_hooked`.
         """
-        dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
+        dev = resolve_device(device)
         model = model.to(dev).eval()
         if isinstance(model, GPT):
             hooked = build_hooked(model.cfg, model.state_dict(), dev, **tl3_options)

@@ -131,7 +131,6 @@ def blamed_head(heads: list[dict], per_head: dict[str, dict]) -> dict:
     normal must not hide the one that failed: prefer a head whose attention is abnormal and
     whose own fix restores the read, then any abnormal head (the largest drop in
     ``last_write_mass`` from its typical value), then the first read head."""
-
     abnormal = [h for h in heads if h["mode"]["label"] != "other"]
     if not abnormal:
         return heads[0]

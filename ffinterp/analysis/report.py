@@ -88,8 +88,8 @@ class GlitchReport:
 
     def table(self, n: int = 10) -> str:
         """A terminal table of the top glitches."""
-        head = ("#", "strategy", "read", "gap", "decoys", "exp", "pred", "margin", "min len", "mode", "fixed")
-        head += ("best clean patch",)
+        head = ("#", "strategy", "read", "gap", "decoys", "exp", "pred", "margin", "min len", "mode", "fixed",
+                "best clean patch")  # fmt: skip
         rows = [head]
         for g in self.top(n):
             d = g.get("diagnosis") or {}
