@@ -29,10 +29,11 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from ffinterp.analysis.hookcheck import HookCheck
 from ffinterp.analysis.pairs import _as_seq, read_positions
 from ffinterp.analysis.patching import _axis_labels, _heads_arg, auto_batch_size, device_of, hooked_of
 from ffinterp.analysis.results import PatchResult, head_label, position_labels
-from ffinterp.errors import FFInterpError
+from ffinterp.errors import DeadHookError, FFInterpError
 from ffinterp.language import ONE, ZERO, last_write_pos, sample
 
 MODES = ("zero", "mean", "resample")
@@ -48,7 +49,7 @@ def reference_set(seq_len: int, n: int = 64, p_i: float = 0.8, seed: int = 1234)
 class _Target:
     """One sequence, its scored read and the metric, cut at the read."""
 
-    def __init__(self, model, seq, read: int | None, metric: str) -> None:
+    def __init__(self, model, seq, read: int | None, metric: str, routine: str) -> None:
         if metric not in ABLATION_METRICS:
             raise FFInterpError(f"unknown metric {metric!r} (known: {', '.join(ABLATION_METRICS)})")
         self.hk = hooked_of(model)
@@ -69,7 +70,9 @@ class _Target:
         self.dev = device_of(self.hk)
         self.tokens = self.seq[None, : self.p + 1].to(self.dev)
         with torch.inference_mode():
-            self.clean = float(self.score(self.hk(self.tokens))[0])
+            logits = self.hk(self.tokens)
+        self.clean = float(self.score(logits)[0])
+        self.check = HookCheck(self.hk, routine, self.tokens, base=logits)
 
     @property
     def t(self) -> int:
@@ -85,9 +88,10 @@ class _Target:
         others[:, self.bit] = float("-inf")
         return at[:, self.bit] - others.amax(-1)
 
-    def run(self, n: int, hooks: list) -> Tensor:
+    def run(self, n: int, hooks: list, patched: dict[str, Tensor | None]) -> Tensor:
+        """The metric of one checked pass of ``n`` copies (``patched``: see :meth:`HookCheck.run`)."""
         with torch.inference_mode():
-            logits = self.hk.run_with_hooks(self.tokens.repeat(n, 1), fwd_hooks=hooks)
+            logits = self.check.run(self.tokens.repeat(n, 1), hooks, patched)
         return self.score(logits).float().cpu()
 
     def reference_cache(self, reference: Tensor | None, names: list[str]) -> dict[str, Tensor]:
@@ -98,8 +102,8 @@ class _Target:
                 f"the reference set must be [n, seq] with seq >= {self.t}, got {tuple(ref.shape)}"
             )
         with torch.inference_mode():
-            _, c = self.hk.run_with_cache(ref[:, : self.t].to(self.dev), names_filter=names)
-        return {n: c[n] for n in names}
+            _, c = self.check.cache(ref[:, : self.t].to(self.dev), names)
+        return c
 
     def result(self, values, axes, labels, title, mode, notes=()) -> PatchResult:
         return PatchResult(
@@ -168,13 +172,15 @@ def _sweep_units(t: _Target, units: list[tuple[int, int]], hook_fmt: str, mode: 
         c = cells[chunk]
         rows = torch.arange(len(c), device=t.dev)
         lay, unit, draw = u[c[:, 0], 0].to(t.dev), u[c[:, 0], 1].to(t.dev), c[:, 1].to(t.dev)
-        hooks = []
+        hooks, patched = [], {}
         for layer in lay.unique().tolist():
             sel = lay == layer
             name = hook_fmt.format(l=layer)
             r = None if repl is None else repl[name]
             hooks.append((name, _unit_hook(rows[sel], unit[sel], draw[sel], r, heads)))
-        out[chunk] = t.run(len(c), hooks)
+            patched[name] = rows[sel]
+        out[chunk] = t.run(len(c), hooks, patched)
+    t.check.verify()
     return out.view(len(units), n_draws).mean(1)
 
 
@@ -192,7 +198,7 @@ def ablate_heads(
 ) -> PatchResult:
     """Ablate each head's output (``hook_z``, all positions): ``[layer, head]``."""
     _check_mode(mode, MODES)
-    t = _Target(model, seq, read, metric)
+    t = _Target(model, seq, read, metric, "ablate_heads")
     L, H = t.hk.cfg.n_layers, t.hk.cfg.n_heads
     names = [f"blocks.{layer}.attn.hook_z" for layer in range(L)]
     repl, n = _replacements(t, mode, names, reference, n_resample, seed)
@@ -219,7 +225,7 @@ def ablate_mlps(
 ) -> PatchResult:
     """Ablate each layer's MLP output (``hook_mlp_out``, all positions): ``[layer]``."""
     _check_mode(mode, MODES)
-    t = _Target(model, seq, read, metric)
+    t = _Target(model, seq, read, metric, "ablate_mlps")
     if getattr(t.hk.cfg, "attn_only", False):
         raise FFInterpError("this model is attention-only: it has no MLP to ablate")
     L = t.hk.cfg.n_layers
@@ -250,6 +256,9 @@ def _edge_hooks(layer: int, head: int, p: int, rows, keys, draw, mode: str, v_re
         return hook
 
     def rewrite(act: Tensor, hook=None) -> Tensor:
+        for c in ("q", "k", "v", "pattern"):
+            if c not in seen:  # raised inside the forward pass, before the run's own check
+                raise DeadHookError(f"ablate_edges: hook {base}hook_{c} never fired before {base}hook_z")
         act = act.clone()
         v_all = seen["v"][rows, : p + 1, head]  # [n, key, d_head]
         n = len(rows)
@@ -294,7 +303,7 @@ def ablate_edges(
 ) -> PatchResult:
     """Ablate each attention edge read -> key of one head: ``[key]`` (keys up to the read)."""
     _check_mode(mode, EDGE_MODES)
-    t = _Target(model, seq, read, metric)
+    t = _Target(model, seq, read, metric, "ablate_edges")
     ((layer, h),) = _heads_arg([head], t.hk.cfg.n_layers, t.hk.cfg.n_heads, "head")
     key_list = list(range(t.t)) if keys is None else [int(k) for k in keys]
     bad = [k for k in key_list if not 0 <= k <= t.p]
@@ -316,7 +325,8 @@ def ablate_edges(
         c = cells[chunk].to(t.dev)
         rows = torch.arange(len(c), device=t.dev)
         hooks = _edge_hooks(layer, h, t.p, rows, c[:, 0], c[:, 1], mode, v_repl, scale)
-        out[chunk] = t.run(len(c), hooks)
+        out[chunk] = t.run(len(c), hooks, {f"blocks.{layer}.attn.hook_z": None})
+    t.check.verify()
     values = out.view(len(key_list), n).mean(1)
     labels = position_labels(t.seq)
     return t.result(

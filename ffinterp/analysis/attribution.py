@@ -70,7 +70,7 @@ def attribution_patch(
     _check_kind(hk, kind)
     name, layout = HOOKS[kind]
     names = [name.format(l=layer) for layer in range(hk.cfg.n_layers)]
-    s = _setup(model, pair, metric, names)
+    s = _setup(model, pair, metric, names, "attribution_patch")
     acts: dict[str, Tensor] = {}
 
     def capture(act: Tensor, hook=None, key: str = "") -> Tensor:
@@ -81,14 +81,15 @@ def attribution_patch(
 
     hooks = [(n, lambda act, hook=None, key=n: capture(act, key=key)) for n in names]
     with torch.enable_grad():
-        logits = hk.run_with_hooks(s.corrupted.clone(), fwd_hooks=hooks)
+        logits = s.check.run(s.corrupted.clone(), hooks)
         value = s.metric(logits[:, s.metric.read_pos]).sum()
         grads = torch.autograd.grad(value, [acts[n] for n in names], allow_unused=True)
+    s.check.check_grads(names, grads)  # no gradient: the captured activation was dropped
     seq = pair.seq_len
     per_layer = []
     for n, g in zip(names, grads):
         delta = s.cache[n][0] - s.cache[n][1]
-        g = torch.zeros_like(delta) if g is None else g[0].detach()
+        g = g[0].detach()
         site = _site_sums(layout, (g * delta).float().cpu(), by_pos)
         if by_pos:  # pad positions after the read with 0
             pad = seq - s.t

@@ -10,6 +10,8 @@ write fixes the prediction. Everything runs on the hooked model.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -24,13 +26,29 @@ from ffinterp.analysis.attention import (
     read_attention,
     read_rows,
 )
+from ffinterp.analysis.hookcheck import HookCheck
 from ffinterp.analysis.pairs import Pair, relabel
 from ffinterp.data import eval_set
-from ffinterp.errors import FFInterpError
+from ffinterp.errors import DeadHookError, FFInterpError
 from ffinterp.language import VOCAB, I, Reads, W, last_write_pos, reads, to_text
 from ffinterp.scoring import score_tokens
 
 LABELS = ("dilution", "wrong write", "start drift", "other")
+
+
+@contextmanager
+def _patterns_cached(routine: str) -> Iterator[None]:
+    """The attention module reads patterns from ``run_with_cache``: a pattern hook that never
+    fired shows up as a missing cache key, reported here as the dead hook it is."""
+    try:
+        yield
+    except KeyError as e:
+        name = e.args[0] if e.args else None
+        if isinstance(name, str) and name.startswith("blocks."):
+            raise DeadHookError(
+                f"{routine}: hook {name} never fired (it is missing from the cache)"
+            ) from None
+        raise
 
 
 def attention_rows(
@@ -67,7 +85,8 @@ def reference_stats(ffl, seq_len: int, n: int = 64, chunk: int = 8) -> Reference
     masses, shares, oks, past_opening = [], [], [], []
     for part in tokens.split(chunk):  # one hooked pass serves detection and the statistics
         rd = reads(part)
-        rows = read_rows(ffl, part, rd).cpu()
+        with _patterns_cached("reference_stats"):
+            rows = read_rows(ffl, part, rd).cpu()
         idx = torch.arange(len(rd))
         on_w, on_b = rows[idx, :, :, rd.write_pos], rows[idx, :, :, rd.write_pos + 1]
         masses.append(on_w + on_b)
@@ -165,10 +184,17 @@ class Diagnoser:
         self.ref = reference_stats(ffl, seq_len, n=n_reference)
 
     def patch_to_last_write(
-        self, tokens: Int[Tensor, " seq"], read_pos: int, heads: list[tuple[int, int]]
+        self,
+        tokens: Int[Tensor, " seq"],
+        read_pos: int,
+        heads: list[tuple[int, int]],
+        check: HookCheck | None = None,
     ) -> tuple[str, float]:
         """Rerun with ``heads`` attending only to the last write at the read (split between
-        its ``w`` and its bit as on correct reads); the new prediction and margin."""
+        its ``w`` and its bit as on correct reads); the new prediction and margin. ``check``
+        (one per glitch, shared by its calls) proves the pattern hooks fired and took effect."""
+        x = tokens[None].to(self.ffl.device)
+        check = check or HookCheck(self.ffl.hooked, "diagnose (patch_to_last_write)", x)
         lw = int(last_write_pos(tokens[None])[0, read_pos])
         by_layer: dict[int, list[int]] = {}
         for l, h in heads:
@@ -187,7 +213,8 @@ class Diagnoser:
 
         hooks = [(PATTERN.format(l=l), make(l)) for l in by_layer]
         with torch.inference_mode():
-            logits = self.ffl.hooked.run_with_hooks(tokens[None].to(self.ffl.device), fwd_hooks=hooks)
+            logits = check.run(x, hooks, dict.fromkeys(name for name, _ in hooks))
+        check.verify()
         at = logits[0, read_pos].float().cpu()
         bit = int(tokens[lw + 1])
         others = at.clone()
@@ -208,6 +235,8 @@ class Diagnoser:
         pair = Pair(clean, tokens, read_pos, bit, bit, lw, lw, kind="glitch")
         try:
             res = activation_patch(self.ffl, pair, "z", by_pos=False)
+        except DeadHookError:
+            raise
         except FFInterpError as e:
             return {"applicable": False, "why": str(e)}
         base = res.baselines
@@ -243,7 +272,8 @@ class Diagnoser:
     def diagnose(self, tokens: Int[Tensor, " seq"], read_pos: int) -> dict:
         """The diagnosis stored with a glitch in ``glitches.jsonl``."""
         tokens = torch.as_tensor(tokens).cpu().long()
-        ra = read_attention(self.ffl, tokens[None], top_k=3, keep_rows=True, batch_size=1)
+        with _patterns_cached("diagnose"):
+            ra = read_attention(self.ffl, tokens[None], top_k=3, keep_rows=True, batch_size=1)
         k = int((ra.reads.pos == read_pos).nonzero()[0])
         heads = []
         for l, h in self.ref.read_heads:
@@ -260,7 +290,8 @@ class Diagnoser:
                     "mode": failure_mode(ra.rows[k, l, h], tokens, read_pos, typical, low),
                 }
             )
-        pred, margin = self.patch_to_last_write(tokens, read_pos, self.ref.read_heads)
+        check = HookCheck(self.ffl.hooked, "diagnose (patch_to_last_write)", tokens[None].to(self.ffl.device))
+        pred, margin = self.patch_to_last_write(tokens, read_pos, self.ref.read_heads, check)
         causal = {
             "intervention": "read heads attend only to the last write at the read",
             "heads": [h["head"] for h in heads],
@@ -272,7 +303,7 @@ class Diagnoser:
         if len(self.ref.read_heads) > 1:
             causal["per_head"] = {}
             for lh in self.ref.read_heads:
-                p1, m1 = self.patch_to_last_write(tokens, read_pos, [lh])
+                p1, m1 = self.patch_to_last_write(tokens, read_pos, [lh], check)
                 one = {"prediction": p1, "margin": round(m1, 4), "fixed": m1 > 0}
                 causal["per_head"][head_name(*lh)] = one
         blamed = blamed_head(heads, causal.get("per_head", {}))

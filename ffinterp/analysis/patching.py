@@ -39,6 +39,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ffinterp.analysis.hookcheck import HookCheck
 from ffinterp.analysis.pairs import Pair
 from ffinterp.analysis.results import PatchResult, head_label, position_labels
 from ffinterp.errors import FFInterpError
@@ -176,6 +177,7 @@ class _Setup:
     metric: Metric
     tokens: Int[Tensor, "2 pos"]  # [clean, corrupted], cut at the read
     cache: dict[str, Tensor]
+    check: HookCheck  # every hook fired, every patched hook reached the output
     n_layers: int
     n_heads: int
 
@@ -188,26 +190,28 @@ class _Setup:
         return self.tokens.shape[1]
 
 
-def _setup(model, pair: Pair, metric: str | Metric, names: Sequence[str]) -> _Setup:
+def _setup(model, pair: Pair, metric: str | Metric, names: Sequence[str], routine: str) -> _Setup:
     hk = hooked_of(model)
     m = metric if isinstance(metric, Metric) else patch_metric(model, pair, metric)
     tokens = pair.tokens()[:, : m.read_pos + 1].to(device_of(hk))
+    check = HookCheck(hk, routine, tokens[1:])
     cache: dict[str, Tensor] = {}
     if names:
         with torch.inference_mode():
-            _, c = hk.run_with_cache(tokens, names_filter=list(names))
-        cache = {n: c[n] for n in names}
-    return _Setup(hk, pair, m, tokens, cache, hk.cfg.n_layers, hk.cfg.n_heads)
+            logits, cache = check.cache(tokens, names)
+        check.base = logits[1:]
+    return _Setup(hk, pair, m, tokens, cache, check, hk.cfg.n_layers, hk.cfg.n_heads)
 
 
 def _chunks(idx: Tensor, size: int):
     return idx.split(size) if idx.numel() else ()
 
 
-def _run(hk, tokens: Tensor, hooks: list, metric: Metric) -> Tensor:
+def _run(s: _Setup, tokens: Tensor, hooks: list, patched: dict[str, Tensor | None]) -> Tensor:
+    """The normalised metric of one checked pass (``patched``: see :meth:`HookCheck.run`)."""
     with torch.inference_mode():
-        logits = hk.run_with_hooks(tokens, fwd_hooks=hooks)
-    return metric(logits[:, metric.read_pos]).float().cpu()
+        logits = s.check.run(tokens, hooks, patched)
+    return s.metric(logits[:, s.metric.read_pos]).float().cpu()
 
 
 # ---------------------------------------------------------------- activation patching
@@ -313,7 +317,7 @@ def activation_patch(
     _check_kind(hk, kind)
     name, layout = HOOKS[kind]
     names = [name.format(l=layer) for layer in range(hk.cfg.n_layers)]
-    s = _setup(model, pair, metric, names)
+    s = _setup(model, pair, metric, names, "activation_patch")
     seq = pair.seq_len
     sites, axes = _sites(kind, by_pos, s.n_layers, s.n_heads, seq)
     values = torch.zeros(len(sites))  # the corrupted run: 0 after normalisation
@@ -340,12 +344,14 @@ def activation_patch(
         cs = sites[chunk]
         rows = torch.arange(len(chunk), device=s.tokens.device)
         dev = cs.to(s.tokens.device)
-        hooks = []
+        hooks, patched = [], {}
         for layer in cs[:, 0].unique().tolist():
             sel = (cs[:, 0] == layer).to(s.tokens.device)
             clean = s.cache[names[layer]][0]
             hooks.append((names[layer], _patch_hook(layout, rows[sel], dev[sel, 1], dev[sel, 2], clean)))
-        values[chunk] = _run(hk, s.corrupted.repeat(len(chunk), 1), hooks, s.metric)
+            patched[names[layer]] = rows[sel]
+        values[chunk] = _run(s, s.corrupted.repeat(len(chunk), 1), hooks, patched)
+    s.check.verify()
     shape = tuple(
         {"layer": s.n_layers, "head": s.n_heads, "pos": seq}[ax] for ax in axes
     )  # sites were enumerated in this order
@@ -429,32 +435,34 @@ def _put_heads_hook(recorded: Tensor, heads: Tensor) -> Callable:
 
 def _path_chunk(s: _Setup, cs: Tensor, z_names, mlp_names, recv, via: str, to_logits: bool) -> Tensor:
     """Both steps of path patching for one batch of senders ``cs`` (rows of layer, head)."""
-    hk, dev = s.hk, s.tokens.device
+    dev = s.tokens.device
     rows = torch.arange(len(cs), device=dev)
     layer_of, head_of = cs[:, 0].to(dev), cs[:, 1].to(dev)
     tokens = s.corrupted.repeat(len(cs), 1)
-    hooks = []
+    hooks, senders = [], {}
     for layer, name in enumerate(z_names):
         sel = layer_of == layer
         cor, clean = s.cache[name][1], s.cache[name][0]
         hooks.append((name, _freeze_hook(rows[sel], head_of[sel], cor, clean)))
+        if bool(sel.any()):
+            senders[name] = rows[sel]
     for name in mlp_names:
         cor = s.cache[name][1]
         hooks.append((name, lambda act, hook=None, c=cor: c.expand_as(act).clone()))
     if to_logits:
-        return _run(hk, tokens, hooks, s.metric)
+        return _run(s, tokens, hooks, senders)
     recv_layers = sorted({layer for layer, _ in recv})
     names = [f"blocks.{layer}.attn.hook_{c}" for layer in recv_layers for c in via]
     recorded: dict[str, Tensor] = {}
     with torch.inference_mode():
-        hk.run_with_hooks(tokens, fwd_hooks=hooks + [(n, _record_hook(recorded, n)) for n in names])
+        s.check.run(tokens, hooks + [(n, _record_hook(recorded, n)) for n in names], senders)
     patches = []
     for layer in recv_layers:
         heads = torch.tensor([h for lay, h in recv if lay == layer], device=dev)
         for c in via:
             n = f"blocks.{layer}.attn.hook_{c}"
             patches.append((n, _put_heads_hook(recorded[n], heads)))
-    return _run(hk, tokens, patches, s.metric)
+    return _run(s, tokens, patches, dict.fromkeys(names))
 
 
 def path_patch(
@@ -498,7 +506,7 @@ def path_patch(
     mlp_names = [f"blocks.{layer}.hook_mlp_out" for layer in range(L)] if freeze_mlps else []
     if freeze_mlps and getattr(hk.cfg, "attn_only", False):
         mlp_names = []
-    s = _setup(model, pair, metric, z_names + mlp_names)
+    s = _setup(model, pair, metric, z_names + mlp_names, "path_patch")
     size = batch_size or auto_batch_size(hk, s.t)
     send_t = torch.tensor(send, dtype=torch.long)
     values = torch.full((L, H), float("nan"))
@@ -506,6 +514,9 @@ def path_patch(
     for chunk in torch.arange(len(send)).split(size):
         cs = send_t[chunk]
         values[cs[:, 0], cs[:, 1]] = _path_chunk(s, cs, z_names, mlp_names, recv, via, to_logits)
+    # the freezing hooks must take effect too, where they can reach a receiver
+    reach = L if to_logits else max(layer for layer, _ in recv)
+    s.check.verify(also=z_names[:reach] + mlp_names[:reach])
     target = "logits" if to_logits else ", ".join(head_label(*x) for x in recv) + f" via {via}"
     return PatchResult(
         values=values,
