@@ -51,6 +51,7 @@ def fail(message: str) -> None:
 
 # Command modules register themselves on `app` when imported.
 from ffinterp.cli import attention as _attention  # noqa: E402,F401
+from ffinterp.cli import estimate as _estimate  # noqa: E402,F401
 from ffinterp.cli import eval as _eval  # noqa: E402,F401
 from ffinterp.cli import glitches as _glitches  # noqa: E402,F401
 from ffinterp.cli import patch as _patch  # noqa: E402,F401

@@ -1,0 +1,401 @@
+"""How large is the tail? Rare-event estimates of a model's read-error probability.
+
+A good model errs on one sequence in 10^6 or 10^9 of a sparse distribution: plain sampling
+(``method="mc"``) sees nothing and can only give an upper bound. Importance sampling
+(``method="is"``) samples from a proposal ``g`` that makes errors common and reweights
+each sequence by ``w = p_target(x) / g(x)``, computed exactly from the families'
+log-likelihoods (:mod:`ffinterp.analysis.families`).
+
+The proposal is adapted by the cross-entropy method (Rubinstein and Kroese) on pilot
+rounds: sample from ``g``, score every read, keep the elite (the sequences whose smallest
+read margin is in the lowest ``elite`` fraction, or every erring sequence once there are
+enough), refit the proposal family to the elite by weighted maximum likelihood with
+weights ``p_target / g``, and smooth. The margin makes the levels continuous, so the search
+climbs towards errors before it has seen one. The default family is a first-order
+:class:`~ffinterp.analysis.families.Markov` chain (shift-invariant, so a local error
+pattern is proposed at every position); ``proposal="piecewise"`` uses a position-tied
+:class:`~ffinterp.analysis.families.Piecewise` family, and any family instance can be given.
+The final proposal is the defensive mixture
+``g = d * target + (1 - d) * ((1 - b) * adapted + b * halfway)`` (``d = 0.1``, ``b = 0.3``,
+``halfway`` the adapted family interpolated half-way back to its start), so ``w <= 1/d = 10``
+whatever the adaptation did, and error regions the adaptation under-weights keep some mass.
+
+The estimate then comes from a *fresh* sample of the frozen proposal: pilot sequences are
+counted in ``scored`` but never in the estimate, so it is the plain unbiased mean of
+``w * 1[error]``. Self-normalised IS (dividing by the mean weight) would be biased and is
+not used. Its interval is the normal approximation ``mean +- z * sd / sqrt(n)`` with the
+sample standard deviation of ``w * 1[error]``, clipped at 0 (a probability). The bounded
+weights give the summands a finite variance, so the central limit theorem applies. The
+result is flagged ``reliable=False`` (and the CLI prints no interval) when the final sample
+holds too few erring sequences, when their weights are dominated by a few (Kish effective
+number of error hits, ``ess``), or when the last pilot round, itself an unbiased estimate
+from a frozen proposal, disagrees with the final estimate.
+
+Known limit: the interval is only as good as the proposal's coverage of the error region.
+When the error region has several modes and the adaptation locks onto some of them, the
+others are reached only through the defensive component; the estimate stays unbiased, but
+a sample that happens not to visit them gives a confident underestimate that no
+diagnostic computed from that sample can detect. Strong smoothing (0.4: each refit moves
+the parameters 40% of the way) and the ``halfway`` component keep the proposal broad. On
+the hand-built circuit at T=32 with 20,000 sequences, 78 of the 81 intervals not flagged
+over 20 seeds at each of five rates from 5e-3 to 4e-10 covered the exact rate (96%); when
+in doubt, rerun with other seeds and compare.
+
+``per_read`` is E[errors per sequence] / E[reads per sequence] under the target: the
+fraction of reads that err, pooled over sequences (what ``ffinterp eval`` reports). Under IS
+the numerator is the unbiased mean of ``w * errors`` and the denominator is exact (the
+family knows its expected number of reads), so its interval is the numerator's scaled.
+Under MC both come from the sample: ``errors / reads`` with the Clopper-Pearson interval
+on reads, as in :func:`ffinterp.evaluate.evaluate`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from statistics import NormalDist
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor, nn
+
+from ffinterp.analysis.families import Family, Markov, Mixture, Piecewise, interpolate
+from ffinterp.analysis.search import derive_seed
+from ffinterp.device import resolve_device
+from ffinterp.errors import FFInterpError
+from ffinterp.evaluate import _as_model, clopper_pearson
+from ffinterp.language import last_write_pos, read_mask
+from ffinterp.models.gpt import GPT
+
+METHODS = ("is", "mc")
+
+
+# ---------------------------------------------------------------- scoring
+
+
+@dataclass(frozen=True)
+class RowScores:
+    """Per-sequence read scores of one batch: reads, read errors and the smallest margin."""
+
+    reads: Int[Tensor, " batch"]
+    errors: Int[Tensor, " batch"]
+    min_margin: Float[Tensor, " batch"]
+
+    @property
+    def any_error(self) -> Bool[Tensor, " batch"]:
+        return self.errors > 0
+
+
+@torch.inference_mode()
+def score_rows(model: nn.Module, tokens: Int[Tensor, "batch seq"]) -> RowScores:
+    """Score every read of each sequence on the fast model; the results come back on CPU.
+
+    Same rule as :func:`ffinterp.evaluate.count_errors` (an error is an argmax other than the
+    last write's bit), kept per row, plus the smallest read margin (logit of the correct bit
+    minus the largest other logit), which the cross-entropy stage uses as a level.
+    """
+    mask = read_mask(tokens)
+    lw = last_write_pos(tokens)
+    if bool((mask & (lw < 0)).any()):
+        raise FFInterpError("a read comes before any write: not a flip-flop sequence")
+    bit = tokens.gather(1, (lw + 1).clamp(0, tokens.shape[1] - 1))
+    slots = slice(0, None, 2)
+    logits = model(tokens, positions=slots) if isinstance(model, GPT) else model(tokens)[:, slots]
+    logits = logits.float()
+    mask, bit = mask[:, slots], bit[:, slots]
+    correct = logits.gather(-1, bit[..., None]).squeeze(-1)
+    others = logits.scatter(-1, bit[..., None], float("-inf")).amax(-1)
+    margin = (correct - others).masked_fill(~mask, float("inf"))
+    wrong = mask & (logits.argmax(-1) != bit)
+    return RowScores(mask.sum(1).cpu(), wrong.sum(1).cpu(), margin.amin(1).double().cpu())
+
+
+# ---------------------------------------------------------------- result
+
+
+@dataclass(frozen=True)
+class TailEstimate:
+    """P[a sequence has >= 1 read error] under ``target``, with its interval and diagnostics.
+
+    ``scored`` counts every sequence run through the model (pilot rounds included);
+    ``n`` those in the final estimate; ``hits`` the erring ones among them; ``ess`` the Kish
+    effective number of hits, ``(sum w e)^2 / sum (w e)^2`` over the final summands (equal to
+    ``hits`` when all weights agree, as under MC). When ``reliable`` is False the interval
+    must not be quoted: ``warning`` says why.
+    """
+
+    estimate: float
+    ci_low: float
+    ci_high: float
+    per_read: float
+    per_read_ci_low: float
+    per_read_ci_high: float
+    scored: int
+    n: int
+    hits: int
+    ess: float
+    method: str
+    reliable: bool
+    warning: str | None
+    target: str
+    proposal: str
+    seq_len: int
+    confidence: float
+    seconds: float
+
+    def to_dict(self) -> dict:
+        """JSON-ready; an unreliable interval is ``null`` (never a confident-looking number)."""
+        d = asdict(self)
+        if not self.reliable:
+            for k in ("ci_low", "ci_high", "per_read_ci_low", "per_read_ci_high"):
+                d[k] = None
+        return d
+
+    def lines(self) -> list[str]:
+        pct = f"{self.confidence:.0%}"
+        out = [f"target {self.target}, T={self.seq_len}, method: {self.method}"]
+        if self.reliable:
+            out.append(
+                f"P[sequence has a read error] = {self.estimate:.3e}  "
+                f"[{self.ci_low:.3e}, {self.ci_high:.3e}] ({pct})"
+            )
+            out.append(
+                f"read error rate             = {self.per_read:.3e}  "
+                f"[{self.per_read_ci_low:.3e}, {self.per_read_ci_high:.3e}] ({pct})"
+            )
+        else:
+            out.append(f"P[sequence has a read error] = {self.estimate:.3e}  (point estimate only)")
+            out.append(f"read error rate             = {self.per_read:.3e}  (point estimate only)")
+            out.append(f"interval not reliable: {self.warning}")
+        out.append(
+            f"{self.scored} sequences scored, {self.n} in the estimate, {self.hits} with an error, "
+            f"ESS {self.ess:.1f}, {self.seconds:.1f} s"
+        )
+        if self.proposal != self.target:
+            out.append(f"proposal {self.proposal}")
+        return out
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+
+# ---------------------------------------------------------------- estimator
+
+
+def _mean_and_se(x: Tensor) -> tuple[float, float]:
+    return float(x.mean()), (float(x.std()) / math.sqrt(len(x)) if len(x) > 1 else math.inf)
+
+
+def _kish(x: Tensor) -> float:
+    s2 = float((x * x).sum())
+    return float(x.sum()) ** 2 / s2 if s2 > 0 else 0.0
+
+
+PROPOSALS = ("markov", "piecewise")
+
+
+def _init_proposal(target: Family, proposal: str | Family, seq_len: int, segments: int, seed: int) -> Family:
+    """The family the cross-entropy stage adapts, fitted to target samples (no model calls).
+
+    ``markov``: a first-order :class:`Markov` chain (shift-invariant: one local pattern at
+    every position). ``piecewise``: ``segments`` segments with per-segment bit-1 probabilities
+    (position-dependent). A :class:`Family` instance is used as given.
+    """
+    if isinstance(proposal, Family):
+        return proposal
+    if proposal == "markov":
+        start: Family = Markov(((0.25,) * 4,) * 4)
+    elif proposal == "piecewise":
+        start = Piecewise.uniform(segments, 1 / 3, 1 / 3, 1 / 3, one=0.5)
+    else:
+        raise FFInterpError(f"proposal must be one of {', '.join(PROPOSALS)} or a Family, got {proposal!r}")
+    fitted = start.fit(target.sample(4096, seq_len, seed=derive_seed(seed, "init")))
+    # Keep every probability away from 0 so the first refits can move anywhere.
+    return interpolate(start, fitted, 0.99)
+
+
+def estimate(
+    model: nn.Module | str | os.PathLike,
+    target: Family,
+    *,
+    budget: int = 20_000,
+    seed: int = 0,
+    method: str = "is",
+    seq_len: int | None = None,
+    batch_size: int = 256,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    confidence: float = 0.95,
+    pilot: float = 0.5,
+    rounds: int = 10,
+    chains: int = 1,
+    broaden: float = 0.3,
+    proposal: str | Family = "markov",
+    segments: int = 4,
+    elite: float = 0.1,
+    smoothing: float = 0.4,
+    defensive: float = 0.1,
+    min_hits: int = 10,
+    min_ess: float = 10.0,
+) -> TailEstimate:
+    """Estimate P[>= 1 read error] of ``model`` on sequences from ``target``.
+
+    ``method="mc"`` scores ``budget`` target samples (exact Clopper-Pearson interval).
+    ``method="is"`` spends ``pilot * budget`` sequences on ``chains`` independent runs of
+    ``rounds`` cross-entropy rounds, each adapting a ``proposal`` family (``markov``,
+    ``piecewise`` with ``segments`` segments, or a :class:`Family` to start from), then
+    estimates from the rest, drawn fresh from the frozen defensive mixture (see the module
+    docstring for the interval and when it is flagged). ``model`` is a fast model, an
+    ``FFLModel`` or a checkpoint spec; ``seq_len`` defaults to its block size. The model is
+    put back on its device and in its train/eval mode afterwards.
+    """
+    fast, _ = _as_model(model)
+    if method not in METHODS:
+        raise FFInterpError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if not isinstance(target, Family):
+        raise FFInterpError(f"target must be a Family, got {type(target).__name__}")
+    if budget < 1 or batch_size < 1:
+        raise FFInterpError(f"budget and batch size must be >= 1, got {budget} and {batch_size}")
+    if not 0 < confidence < 1:
+        raise FFInterpError(f"confidence must be in (0, 1), got {confidence}")
+    if not (0 < pilot < 1 and 0 < elite < 1 and 0 < smoothing <= 1 and 0 < defensive < 1 and rounds >= 1):
+        raise FFInterpError("need 0 < pilot, elite, defensive < 1, 0 < smoothing <= 1 and rounds >= 1")
+    block = getattr(getattr(fast, "cfg", None), "block_size", None)
+    t = seq_len if seq_len is not None else (block or 512)
+    if t < 4 or t % 2:
+        raise FFInterpError(f"seq_len must be an even number >= 4, got {t}")
+    if block is not None and t > block:
+        raise FFInterpError(f"seq_len {t} exceeds the model's block_size {block}")
+    if chains < 1 or not 0 <= broaden < 1:
+        raise FFInterpError(f"need chains >= 1 and 0 <= broaden < 1, got {chains} and {broaden}")
+    per_round = int(budget * pilot) // (rounds * chains) if method == "is" else 0
+    if method == "is" and per_round < 10:
+        raise FFInterpError(
+            f"budget {budget} is too small for {chains} x {rounds} pilot rounds (need >= 10 sequences each)"
+        )
+    try:
+        dev = resolve_device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("CUDA is not available")
+    except RuntimeError as e:
+        raise FFInterpError(f"device {device!r}: {str(e).splitlines()[0]}") from None
+
+    from tqdm.auto import tqdm
+
+    param = next(fast.parameters(), None)
+    home = param.device if param is not None else torch.device("cpu")
+    was_training = fast.training
+    fast.to(dev).eval()
+    start = time.perf_counter()
+    try:
+        with tqdm(
+            total=budget, desc=f"estimate ({method})", unit="seq", disable=not progress, dynamic_ncols=True
+        ) as bar:
+
+            def run(tokens: Tensor) -> RowScores:
+                parts = []
+                for chunk in tokens.split(batch_size):
+                    parts.append(score_rows(fast, chunk.to(dev, non_blocking=True)))
+                    bar.update(len(chunk))
+                return RowScores(
+                    *(torch.cat([getattr(p, f) for p in parts]) for f in ("reads", "errors", "min_margin"))
+                )
+
+            if method == "mc":
+                tokens = target.sample(budget, t, seed=derive_seed(seed, "mc"))
+                s = run(tokens)
+                hits, reads, errors = int(s.any_error.sum()), int(s.reads.sum()), int(s.errors.sum())
+                lo, hi = clopper_pearson(hits, budget, 1 - confidence)
+                rlo, rhi = clopper_pearson(errors, reads, 1 - confidence)
+                return TailEstimate(
+                    hits / budget, lo, hi, errors / reads if reads else math.nan, rlo, rhi,
+                    budget, budget, hits, float(hits), "mc (exact Clopper-Pearson interval)",
+                    True, None, str(target), str(target), t, confidence, time.perf_counter() - start,
+                )  # fmt: skip
+
+            adapted_all, checks, scored = [], [], 0
+            for c in range(chains):
+                adapted = init = _init_proposal(target, proposal, t, segments, seed)
+                for r in range(rounds):
+                    g = Mixture((target, adapted), (defensive, 1 - defensive))
+                    tokens = g.sample(per_round, t, seed=derive_seed(seed, "pilot", c, r))
+                    s = run(tokens)
+                    scored += len(tokens)
+                    logw = target.log_prob(tokens) - g.log_prob(tokens)
+                    err = s.any_error
+                    if r == rounds - 1:  # drawn from a frozen proposal: an unbiased check
+                        checks.append(_mean_and_se(logw.exp() * err.double()) + (int(err.sum()),))
+                    if int(err.sum()) >= elite * len(tokens):
+                        keep = err
+                    else:
+                        # The elite: the lowest `elite` fraction of smallest margins. Margins
+                        # often tie at the top (one write read cleanly), so a level that keeps
+                        # far more than that fraction keeps only what lies strictly below it.
+                        margin = s.min_margin.clamp(-1e30, 1e30)
+                        level = torch.quantile(margin, elite)
+                        keep = margin <= level
+                        if int(keep.sum()) > 2 * elite * len(tokens) and bool((margin < level).any()):
+                            keep = margin < level
+                        keep |= err
+                    w = logw[keep].exp()
+                    if float(w.sum()) > 0:
+                        refit = adapted.fit(tokens[keep], w / w.sum())
+                        adapted = interpolate(adapted, refit, smoothing)  # type: ignore[assignment]
+                    bar.set_postfix(chain=c, round=r, hits=int(err.sum()), refresh=False)
+                adapted_all.append(adapted)
+                if broaden > 0:
+                    adapted_all.append(interpolate(init, adapted, 0.5))
+
+            parts = [1 - broaden, broaden] * chains if broaden > 0 else [1.0] * chains
+            share = [(1 - defensive) * p / chains for p in parts]
+            g = Mixture((target, *adapted_all), (defensive, *share))
+            n = budget - scored
+            tokens = g.sample(n, t, seed=derive_seed(seed, "final"))
+            s = run(tokens)
+            scored += n
+    finally:
+        fast.to(home).train(was_training)
+
+    w = (target.log_prob(tokens) - g.log_prob(tokens)).exp()
+    y = w * s.any_error.double()
+    ye = w * s.errors.double()
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    est, half = float(y.mean()), z * float(y.std()) / math.sqrt(n) if n > 1 else math.inf
+    mean_reads = target.expected_reads(t)
+    per_read, rhalf = float(ye.mean()) / mean_reads, z * float(ye.std()) / math.sqrt(n) / mean_reads
+    hits, ess = int(s.any_error.sum()), _kish(y)
+    reasons = []
+    if hits == 0:
+        reasons.append(
+            "no erring sequence in the final sample, so 0 is not an upper bound: "
+            "the proposal never found errors"
+        )
+    elif hits < min_hits:
+        reasons.append(f"only {hits} erring sequences in the final sample (need {min_hits})")
+    if hits and ess < min_ess:
+        reasons.append(f"effective number of error hits {ess:.1f} < {min_ess:g} (weights degenerate)")
+    # Each chain's last pilot round is an independent unbiased estimate (its proposal was
+    # frozen while it was drawn); one that found errors but disagrees with the final
+    # estimate means some error region weighs differently under the two proposals, so the
+    # final sample variance cannot be trusted.
+    final_se = half / z
+    for c, (m_c, se_c, hits_c) in enumerate(checks):
+        if hits_c >= min_hits and abs(m_c - est) > 2 * z * math.hypot(se_c, final_se):
+            reasons.append(
+                f"the last pilot round of chain {c} estimated {m_c:.2e} against {est:.2e}: "
+                "the proposals disagree, some error region may be missed"
+            )
+    return TailEstimate(
+        est, max(0.0, est - half), est + half, per_read, max(0.0, per_read - rhalf), per_read + rhalf,
+        scored, n, hits, ess,
+        f"is ({chains} cross-entropy chain(s) x {rounds} pilot rounds adapting "
+        f"{type(adapted_all[0]).__name__}, defensive mixture {defensive:g}; unbiased mean of "
+        "w*1[error], normal interval)",
+        not reasons, "; ".join(reasons) or None, str(target), str(g), t, confidence,
+        time.perf_counter() - start,
+    )  # fmt: skip
+
+
+__all__ = ["METHODS", "RowScores", "TailEstimate", "estimate", "score_rows"]

@@ -1,0 +1,58 @@
+"""``ffinterp estimate CKPT``: how often does the model make a read error, far below sampling?"""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from ffinterp.cli import app, fail
+
+
+@app.command("estimate")
+def estimate_command(
+    ckpt: str = typer.Argument(
+        ..., help="ckpt.pt (ffinterp or nanoGPT), a GPT-2 folder, or pretrained:NAME."
+    ),
+    p_i: float = typer.Option(0.98, "--p-i", help="Target distribution FFL(p_i)."),
+    seq_len: int = typer.Option(
+        None, "--seq-len", help="Tokens per sequence (even; default: the model's block size)."
+    ),
+    budget: int = typer.Option(20_000, "--budget", help="Sequences to score in all (pilot rounds included)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of every sample drawn."),
+    method: str = typer.Option("is", "--method", help="is (importance sampling) or mc (plain sampling)."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Sequences per forward pass."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
+) -> None:
+    """P[a sequence has a read error] under FFL(p_i), by importance sampling (or plain sampling).
+
+    An interval the weights cannot support is never printed: the point estimate comes with
+    an "interval not reliable" line instead (and null bounds plus a warning in --json).
+    """
+    from ffinterp.analysis.families import FFL
+    from ffinterp.analysis.tail import METHODS, estimate
+
+    if method not in METHODS:
+        fail(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if not 0.0 <= p_i < 1.0:
+        fail(f"--p-i must lie in [0, 1), got {p_i}")
+    if budget < 1:
+        fail(f"--budget must be >= 1, got {budget}")
+    if batch_size < 1:
+        fail(f"--batch-size must be >= 1, got {batch_size}")
+    if seq_len is not None and (seq_len < 4 or seq_len % 2):
+        fail(f"--seq-len must be an even number >= 4, got {seq_len}")
+    result = estimate(
+        ckpt,
+        FFL.from_p_i(p_i),
+        budget=budget,
+        seed=seed,
+        method=method,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+    )
+    typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else str(result))
