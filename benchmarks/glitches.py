@@ -18,7 +18,7 @@ Targets (issue 7): on the glitchy model the best strategy finds its first glitch
 least 100x fewer sequences than the baseline; on the mitigated model (0 errors on the
 standard sets) verified glitches appear within 10^5 sequences scored on CPU.
 
-    python benchmarks/glitches.py [--budget 100000] [--models tiny-glitchy,tiny-mitigated]
+    python benchmarks/glitches.py [--budget 100000] [--models glitchy-128,mitigated-128]
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ rows of one run, not runs.
 
     python benchmarks/scaling.py [CKPT] [--sequences 8192] [--seq-len 128] [--budget 4096]
 
-Without CKPT it uses ``pretrained:tiny-mitigated`` (T=128), or, where that is not shipped, a
+Without CKPT it uses ``pretrained:mitigated-128`` (T=128), or, where that is not shipped, a
 random ``tiny`` GPT (2 layers, d 128), whose search row then mostly measures the recording
 of its many glitches.
 """
@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT = "pretrained:tiny-mitigated"
+DEFAULT = "pretrained:mitigated-128"
 
 
 def ffinterp(args: list[str], procs: int, threads: int | None, device: str) -> subprocess.CompletedProcess:

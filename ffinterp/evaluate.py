@@ -232,11 +232,11 @@ def count_errors(model: nn.Module, tokens: Int[Tensor, "batch seq"]) -> tuple[in
     if bool((mask & (lw < 0)).any()):
         raise FFInterpError("a read comes before any write: not a flip-flop sequence")
     bit = tokens.gather(1, (lw + 1).clamp(0, tokens.shape[1] - 1))
-    # Reads sit on even (instruction) slots only, so the GPT's head runs on those alone.
-    slots = slice(0, None, 2)
-    logits = model(tokens, positions=slots) if isinstance(model, GPT) else model(tokens)[:, slots]
-    mask = mask[:, slots]
-    wrong = mask & (logits.argmax(-1) != bit[:, slots])
+    if isinstance(model, GPT):  # the last block runs at the reads alone
+        wrong = torch.zeros_like(mask)
+        wrong[mask] = model.logits_at(tokens, mask).argmax(-1) != bit[mask]
+    else:
+        wrong = mask & (model(tokens).argmax(-1) != bit)
     counts = torch.stack([mask.sum(), wrong.sum(), wrong.any(1).sum()]).tolist()
     return int(counts[0]), int(counts[1]), int(counts[2])
 

@@ -1,10 +1,16 @@
 """Add a trained run to the shipped zoo: weights only, measured error rates, sha256.
 
-    python scripts/add_pretrained.py NAME RUN_DIR --description "..." [--command "..."]...
+    python scripts/add_pretrained.py eval RUN_DIR [RUN_DIR ...]
+    python scripts/add_pretrained.py add NAME RUN_DIR --description "..." [--command "..."]...
+        [--seed-run OTHER_RUN_DIR]... [--init-from NAME]
 
-The checkpoint is stripped of optimizer and RNG state, written to ffinterp/pretrained/,
-evaluated with :func:`ffinterp.evaluate.evaluate` on the three standard sets at their
-default sizes (at the model's own sequence length), and recorded in the index.
+``eval`` scores a run's ``ckpt.pt`` with :func:`ffinterp.evaluate.evaluate` on the three
+standard sets at their default sizes (at the run's own sequence length) and caches the figures
+in ``RUN_DIR/eval.json``, keyed by the checkpoint's sha256: the slow part (20 min for a T=512
+model on one core), run in the background while training goes on. ``add`` strips the
+checkpoint of optimizer and RNG state, writes it to ffinterp/pretrained/, and records it in
+the index with the cached (or freshly measured) figures. ``--seed-run`` records replicate runs
+of the same recipe under ``seeds``, so the seed spread the paper stresses is in the index too.
 """
 
 from __future__ import annotations
@@ -25,16 +31,48 @@ from ffinterp.pretrained import INDEX_PATH, ZOO_DIR, sha256_of
 KEEP = ("model_args", "model", "iter_num", "config", "ffl")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("name")
-    ap.add_argument("run_dir", type=Path)
-    ap.add_argument("--description", required=True)
-    ap.add_argument("--command", action="append", default=[], help="Training command(s), in order.")
-    ap.add_argument("--batch-size", type=int, default=256)
-    args = ap.parse_args()
+def run_eval(run_dir: Path, batch_size: int = 256) -> dict:
+    """The run's standard-set figures, from ``eval.json`` when it matches the checkpoint."""
+    ckpt = run_dir / "ckpt.pt"
+    digest = sha256_of(ckpt)
+    cache = run_dir / "eval.json"
+    if cache.exists():
+        cached = json.loads(cache.read_text())
+        if cached.get("ckpt_sha256") == digest:
+            return cached
+    raw = read_checkpoint_file(ckpt)
+    seq_len = int(raw["config"]["seq_len"])
+    t0 = time.perf_counter()
+    result = evaluate(load_checkpoint(ckpt).model, seq_len=seq_len, batch_size=batch_size, device="cpu")
+    print(f"{run_dir}:\n{result.table()}", file=sys.stderr)
+    figures = {
+        "ckpt_sha256": digest,
+        "seed": int(raw["config"]["seed"]),
+        "steps": int(raw["iter_num"]),
+        "command": raw["ffl"]["train"].get("command", ""),
+        "eval": {
+            s.name: {
+                "n_sequences": s.n_seqs,
+                "seq_len": s.seq_len,
+                "reads": s.reads,
+                "errors": s.errors,
+                "error_rate": s.error_rate,
+                "ci_low": s.ci_low,
+                "ci_high": s.ci_high,
+            }
+            for s in result
+        },
+        "eval_seconds": round(time.perf_counter() - t0, 1),
+    }
+    tmp = cache.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(figures, indent=2) + "\n")
+    os.replace(tmp, cache)
+    return figures
 
+
+def add(args: argparse.Namespace) -> None:
     raw = read_checkpoint_file(args.run_dir / "ckpt.pt")
+    figures = run_eval(args.run_dir, args.batch_size)
     slim = {k: raw[k] for k in KEEP if k in raw}
     slim["ffl"] = {**slim["ffl"], "train": {k: v for k, v in slim["ffl"]["train"].items() if k != "history"}}
     dest = ZOO_DIR / f"{args.name}.pt"
@@ -45,9 +83,6 @@ def main() -> None:
     loaded = load_checkpoint(dest)
     train = loaded.meta["train"]
     seq_len = int(raw["config"]["seq_len"])
-    t0 = time.perf_counter()
-    result = evaluate(loaded.model, seq_len=seq_len, batch_size=args.batch_size, device="cpu")
-    print(result.table(), file=sys.stderr)
     entry = {
         "name": args.name,
         "file": dest.name,
@@ -64,20 +99,17 @@ def main() -> None:
         "train_config": raw["config"],
         "commands": args.command or [train["command"]],
         "eval_command": f"ffinterp eval pretrained:{args.name} --seq-len {seq_len} --json",
-        "eval": {
-            s.name: {
-                "n_sequences": s.n_seqs,
-                "seq_len": s.seq_len,
-                "reads": s.reads,
-                "errors": s.errors,
-                "error_rate": s.error_rate,
-                "ci_low": s.ci_low,
-                "ci_high": s.ci_high,
-            }
-            for s in result
-        },
-        "eval_seconds": round(time.perf_counter() - t0, 1),
+        "eval": figures["eval"],
+        "eval_seconds": figures["eval_seconds"],
     }
+    if args.init_from:
+        entry["init_from"] = args.init_from
+    if args.seed_run:
+        replicates = [figures] + [run_eval(d, args.batch_size) for d in args.seed_run]
+        entry["seeds"] = [
+            {k: r[k] for k in ("seed", "steps", "command", "eval")} | {"shipped": r is figures}
+            for r in sorted(replicates, key=lambda r: r["seed"])
+        ]
     index = json.loads(INDEX_PATH.read_text())
     index["models"] = [m for m in index["models"] if m["name"] != args.name] + [entry]
     tmp = INDEX_PATH.with_suffix(".json.tmp")
@@ -93,6 +125,29 @@ def _describe(arch: str, cfg: dict) -> str:
         f"GPT, {cfg['n_layer']} layers, d_model {cfg['n_embd']}, {cfg['n_head']} heads, "
         f"{cfg['pos_embedding']} positions"
     )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch-size", type=int, default=256)
+    sub = ap.add_subparsers(dest="what", required=True)
+    ev = sub.add_parser("eval", help="Measure (and cache) runs' standard-set figures.")
+    ev.add_argument("run_dirs", type=Path, nargs="+")
+    ad = sub.add_parser("add", help="Ship a run in the zoo.")
+    ad.add_argument("name")
+    ad.add_argument("run_dir", type=Path)
+    ad.add_argument("--description", required=True)
+    ad.add_argument("--command", action="append", default=[], help="Training command(s), in order.")
+    ad.add_argument(
+        "--seed-run", type=Path, action="append", default=[], help="A replicate with another seed."
+    )
+    ad.add_argument("--init-from", default="", help="The zoo model this one was fine-tuned from.")
+    args = ap.parse_args()
+    if args.what == "eval":
+        for d in args.run_dirs:
+            run_eval(d, args.batch_size)
+    else:
+        add(args)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from ffinterp.cli import main as cli_main
 from ffinterp.data import eval_set
 from ffinterp.errors import FFInterpError
 from ffinterp.evaluate import betainc, clopper_pearson, count_errors, evaluate
-from ffinterp.language import last_write_pos, sample
+from ffinterp.language import last_write_pos, read_mask, sample
 from ffinterp.models.gpt import GPT, GPTConfig
 from ffinterp.models.lstm import LSTM, LSTMConfig
 from ffinterp.scoring import score_tokens
@@ -176,6 +176,17 @@ def test_inference_trunk_gives_the_block_paths_logits(cfg):
         evens = model(tokens, positions=slice(0, None, 2))
     assert (fast - ref).abs().max() <= 1e-5
     assert (evens - ref[:, ::2]).abs().max() <= 1e-5
+    # Logits at the reads alone (the last block queried there only), on sparse rows so that
+    # the query-only path runs rather than its full-forward fallback.
+    sparse = sample(6, T, 0.9, seed=3)
+    mask = read_mask(sparse)
+    assert 4 * int(mask.sum(1).max()) <= T
+    with torch.enable_grad():
+        ref_sparse = model(sparse).detach()
+    with torch.inference_mode():
+        at_reads = model.logits_at(sparse, mask)
+    assert at_reads.shape == (int(mask.sum()), model.cfg.vocab_size)
+    assert (at_reads - ref_sparse[mask]).abs().max() <= 1e-5
     seen = []
     handle = model.transformer.h[0].register_forward_hook(lambda *a: seen.append(1))
     with torch.no_grad():

@@ -18,7 +18,7 @@ NAMES = [m["name"] for m in MODELS]
 
 
 def test_zoo_has_transformers_and_the_lstm():
-    assert {"tiny-glitchy", "tiny-mitigated", "lstm"} <= set(NAMES)
+    assert {"glitchy-128", "mitigated-128", "lstm-128"} <= set(NAMES)
     assert pretrained.DEFAULT_MODEL in NAMES
 
 
@@ -43,16 +43,16 @@ def test_in_distribution_error_matches_the_index(name):
 
 
 def test_tampered_weights_are_refused(tmp_path, monkeypatch):
-    e = pretrained.entry("lstm")
+    e = pretrained.entry("lstm-128")
     fake = tmp_path / e["file"]
     fake.write_bytes((pretrained.ZOO_DIR / e["file"]).read_bytes() + b"x")
     monkeypatch.setattr(pretrained, "ZOO_DIR", tmp_path)
     with pytest.raises(FFInterpError, match="sha256 mismatch"):
-        pretrained.resolve("pretrained:lstm")
+        pretrained.resolve("pretrained:lstm-128")
 
 
 def test_unknown_name_lists_the_zoo():
-    with pytest.raises(FFInterpError, match="known: .*tiny-glitchy"):
+    with pytest.raises(FFInterpError, match="known: .*glitchy-128"):
         pretrained.resolve("pretrained:nope")
 
 

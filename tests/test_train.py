@@ -178,7 +178,27 @@ def test_init_from_starts_at_the_source_weights_with_its_own_recipe(tmp_path):
 
 
 def test_init_from_a_different_shape_is_one_clear_error(tmp_path):
-    source = train(TrainConfig(steps=1, **SMALL), tmp_path / "a", progress=False).path
-    wrong = TrainConfig(**{**SMALL, "seq_len": 32}, steps=1, init_from=str(source))
-    with pytest.raises(FFInterpError, match=r"--init-from .*do not fit a tiny model at seq_len 32"):
+    source = train(TrainConfig(steps=1, **{**SMALL, "seq_len": 32}), tmp_path / "a", progress=False).path
+    wrong = TrainConfig(**SMALL, steps=1, init_from=str(source))
+    with pytest.raises(FFInterpError, match=r"--init-from .*do not fit a tiny model with block_size 16"):
         train(wrong, tmp_path / "b", progress=False)
+
+
+def test_init_from_a_shorter_model_keeps_its_positions_and_learns_the_new_ones(tmp_path):
+    """The short-then-long curriculum: a T=16 model fine-tuned at T=32 starts from its weights,
+    with its 16 learned position rows and 16 fresh ones."""
+    source = train(TrainConfig(steps=2, **SMALL), tmp_path / "a", progress=False).path
+    longer = TrainConfig(**{**SMALL, "seq_len": 32, "lr": 0.0}, steps=1, init_from=str(source))
+    result = train(longer, tmp_path / "b", progress=False)
+    a, b = load_checkpoint(source).model, load_checkpoint(result.path).model
+    assert b.cfg.block_size == 32
+    assert torch.equal(b.transformer.wpe.weight[:16], a.transformer.wpe.weight)
+    assert not torch.equal(b.transformer.wpe.weight[16:], torch.zeros(16, b.cfg.n_embd))
+    assert torch.equal(b.transformer.h[1].mlp.c_fc.weight, a.transformer.h[1].mlp.c_fc.weight)
+
+
+def test_block_size_holds_more_positions_than_the_training_length(tmp_path):
+    result = train(TrainConfig(**SMALL, steps=1, block_size=64), tmp_path, progress=False)
+    assert load_checkpoint(result.path).model.cfg.block_size == 64
+    with pytest.raises(ValueError, match="block_size 8 is shorter than seq_len 16"):
+        TrainConfig(**SMALL, block_size=8)

@@ -24,11 +24,13 @@ def list_models() -> None:
     """Show every shipped model with its error rates on the three standard sets."""
     from ffinterp.pretrained import index
 
-    rows = [("name", "arch", "trained on", "steps", "in", "sparse", "dense")]
-    for e in index():
+    rows = [("name", "T", "arch", "trained on", "steps", "in", "sparse", "dense")]
+    # The paper's regime (T=512) first; the T=128 models are kept for fast tests.
+    for e in sorted(index(), key=lambda e: -int(e.get("seq_len", 0))):
         rows.append(
             (
                 e["name"],
+                str(e.get("seq_len", "?")),
                 e.get("architecture", "?"),
                 e.get("distribution", "?"),
                 str(e.get("steps", "?")),

@@ -22,10 +22,13 @@ def _floats(text: str, flag: str) -> list[float]:
 @app.command()
 def train(
     out: Path = typer.Option(..., "--out", help="Run folder; ckpt.pt is written there."),
-    preset: str = typer.Option("tiny", "--preset", help="tiny, small, paper or lstm."),
+    preset: str = typer.Option("tiny", "--preset", help="micro, tiny, small, paper or lstm."),
     steps: int = typer.Option(10_000, "--steps", min=1),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     seq_len: int = typer.Option(512, "--seq-len", min=4),
+    block_size: int = typer.Option(
+        0, "--block-size", min=0, help="Positions the model holds (default: --seq-len); train short first."
+    ),
     lr: float = typer.Option(3e-4, "--lr", min=0.0),
     weight_decay: float = typer.Option(0.1, "--weight-decay", min=0.0),
     warmup: int = typer.Option(50, "--warmup", min=0),
@@ -56,6 +59,7 @@ def train(
         cfg = TrainConfig(
             preset=preset,
             seq_len=seq_len,
+            block_size=block_size,
             steps=steps,
             batch_size=batch_size,
             lr=lr,
