@@ -36,7 +36,12 @@ class ReadScores:
 
 def score_logits(logits: Float[Tensor, "batch seq vocab"], rd: Reads) -> ReadScores:
     """Score each read from full-sequence logits."""
-    at = logits[rd.batch, rd.pos].float()
+    return score_read_logits(logits[rd.batch, rd.pos], rd)
+
+
+def score_read_logits(at: Float[Tensor, "reads vocab"], rd: Reads) -> ReadScores:
+    """Score each read from the logits at the reads alone (``rd``'s order: row-major)."""
+    at = at.float()
     correct = at.gather(-1, rd.bit[:, None]).squeeze(-1)
     others = at.scatter(-1, rd.bit[:, None], float("-inf")).amax(-1)
     p_correct = at.softmax(-1).gather(-1, rd.bit[:, None]).squeeze(-1)

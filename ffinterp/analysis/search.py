@@ -41,8 +41,9 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from ffinterp.errors import FFInterpError
-from ffinterp.language import ONE, VOCAB_SIZE, ZERO, I, R, Reads, W, reads, sample
-from ffinterp.scoring import ReadScores, score_logits
+from ffinterp.language import ONE, VOCAB_SIZE, ZERO, I, R, Reads, W, read_mask, reads, sample
+from ffinterp.models.gpt import GPT
+from ffinterp.scoring import ReadScores, score_read_logits
 
 # ---------------------------------------------------------------- seeds and sequences
 
@@ -237,9 +238,11 @@ def score_batch(
     parts = []
     for lo in range(0, len(tokens), max(1, batch_size)):
         chunk = tokens[lo : lo + batch_size].to(device)
-        parts.append(model(chunk).float().cpu())
-    logits = torch.cat(parts) if parts else torch.empty(0, tokens.shape[1], VOCAB_SIZE)
-    s = score_logits(logits, rd)
+        if isinstance(model, GPT):  # the last block runs at the reads alone
+            parts.append(model.logits_at(chunk, read_mask(chunk)).float().cpu())
+        else:
+            parts.append(model(chunk)[read_mask(chunk)].float().cpu())
+    s = score_read_logits(torch.cat(parts) if parts else torch.empty(0, VOCAB_SIZE), rd)
     b = len(tokens)
     min_margin = torch.full((b,), float("inf")).scatter_reduce(0, rd.batch, s.margin, "amin")
     # The weakest read of each row: lowest margin, first position on ties.
