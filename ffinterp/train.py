@@ -34,6 +34,7 @@ class TrainConfig:
 
     preset: str = "tiny"
     seq_len: int = 512
+    block_size: int = 0  # positions the model holds (0: seq_len); larger for a short-first curriculum
     steps: int = 10_000
     batch_size: int = 16
     lr: float = 3e-4
@@ -69,6 +70,8 @@ class TrainConfig:
             raise ValueError("the attention-sharpening regularizer needs a transformer, not the LSTM")
         for p in self.mixture or [self.p_i]:
             Mix.ffl(p)
+        if self.block_size and self.block_size < self.seq_len:
+            raise ValueError(f"block_size {self.block_size} is shorter than seq_len {self.seq_len}")
 
     @property
     def distribution(self) -> str:
@@ -83,7 +86,7 @@ def build(cfg: TrainConfig) -> nn.Module:
     return GPT(
         preset(
             cfg.preset,
-            block_size=cfg.seq_len,
+            block_size=cfg.block_size or cfg.seq_len,
             embd_dropout=cfg.embd_dropout,
             attn_dropout=cfg.attn_dropout,
             resid_dropout=cfg.resid_dropout,
@@ -187,17 +190,28 @@ class TrainResult:
 
 def init_weights(model: nn.Module, cfg: TrainConfig) -> None:
     """Copy ``cfg.init_from``'s weights into ``model``: fine-tuning a trained model with a
-    mitigation (e.g. the rare-sequence mixture) instead of training it from scratch."""
+    mitigation (e.g. the rare-sequence mixture) instead of training it from scratch.
+
+    A source with fewer positions (a model trained at T=128 fine-tuned at T=512) gives its
+    learned rows of ``wpe``; the new positions keep their fresh initialisation and are
+    learned in the fine-tune (a short-then-long curriculum).
+    """
     from ffinterp.pretrained import resolve
 
-    source = load_checkpoint(resolve(cfg.init_from)).model
+    state = load_checkpoint(resolve(cfg.init_from)).model.state_dict()
+    wpe = "transformer.wpe.weight"
+    target = model.state_dict()
+    if wpe in state and wpe in target and state[wpe].shape[0] < target[wpe].shape[0]:
+        grown = target[wpe].clone()
+        grown[: state[wpe].shape[0]] = state[wpe]
+        state[wpe] = grown
     try:
-        model.load_state_dict(source.state_dict())
+        model.load_state_dict(state)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[-1].strip()
         raise FFInterpError(
             f"--init-from {cfg.init_from}: its weights do not fit a {cfg.preset} model "
-            f"at seq_len {cfg.seq_len} ({first})"
+            f"with block_size {cfg.block_size or cfg.seq_len} ({first})"
         ) from None
 
 
