@@ -21,6 +21,7 @@ failure is one :class:`CheckpointError` line saying what was expected.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -129,16 +130,26 @@ def save_checkpoint(
         **(extra or {}),
     }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(ckpt, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk shows up as either; the old file stays
+        if (
+            isinstance(e, RuntimeError)
+            and not isinstance(e.__cause__ or e.__context__, OSError)
+            and ("write" not in str(e).lower() and "file" not in str(e).lower())
+        ):
+            raise
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else _first_line(e)
+        raise CheckpointError(f"{path}: cannot write the checkpoint ({reason})") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- safe reading
@@ -202,11 +213,58 @@ def strip_compile_prefix(state: dict[str, Any]) -> dict[str, Any]:
     return {k.removeprefix(COMPILE_PREFIX): v for k, v in state.items()}
 
 
+def _check_state(state: Any, where: str) -> dict[str, Tensor]:
+    """A state dict must map names to finite tensors: anything else would fail deep inside
+    torch, and NaN or inf weights would load "fine" and give meaningless glitches."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{where}: 'model' must be a dict of tensors, got {type(state).__name__}")
+    for name, value in state.items():
+        if not isinstance(name, str):
+            raise CheckpointError(f"{where}: weight names must be strings, got {name!r}")
+        if not isinstance(value, Tensor):
+            raise CheckpointError(f"{where}: weight {name} is a {type(value).__name__}, expected a tensor")
+        if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise CheckpointError(
+                f"{where}: weight {name} holds {bad} NaN or inf value(s) (a diverged or corrupt checkpoint)"
+            )
+    return state
+
+
+def _check_shapes(state: dict[str, Tensor], config: dict, where: str) -> None:
+    """The GPT config must match the weights before the model is built: a lying ``n_embd`` or
+    ``block_size`` of 10**9 would otherwise allocate gigabytes before load_state_dict objects."""
+
+    def want(key: str, shape: tuple) -> None:
+        t = state.get(key)
+        if t is not None and tuple(t.shape) != shape:
+            raise CheckpointError(
+                f"{where}: weights do not fit the gpt architecture: {key} has shape {tuple(t.shape)}, "
+                f"the config (n_layer {config.get('n_layer')}, n_embd {config.get('n_embd')}, "
+                f"block_size {config.get('block_size')}) says {shape}"
+            )
+
+    n_embd, block = config.get("n_embd"), config.get("block_size")
+    for k, v in (("n_embd", n_embd), ("block_size", block), ("n_layer", config.get("n_layer"))):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise CheckpointError(f"{where}: {k} must be a positive integer, got {v!r}")
+    if "transformer.wte.weight" not in state:  # every GPT has one: without it nothing bounds n_embd
+        raise CheckpointError(f"{where}: weights do not fit the gpt architecture: no transformer.wte.weight")
+    want("transformer.wte.weight", (VOCAB_SIZE, n_embd))
+    want("transformer.wpe.weight", (block, n_embd))  # fixed (sinusoidal) positions are stored there too
+    layers = {int(m.group(1)) for k in state if (m := re.match(r"transformer\.h\.(\d+)\.", k))}
+    if layers and layers != set(range(config["n_layer"])):
+        raise CheckpointError(
+            f"{where}: weights do not fit the gpt architecture: they hold {len(layers)} layers "
+            f"(blocks {min(layers)}..{max(layers)}) but the config says n_layer {config['n_layer']}"
+        )
+
+
 def _load_weights(model: nn.Module, state: dict[str, Tensor], where: str, arch: str) -> None:
     """``load_state_dict(strict=True)`` with torch's multi-line complaint cut to one line."""
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
+    except (RuntimeError, TypeError, ValueError) as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         detail = " ".join(lines[1:3])[:300]
         raise CheckpointError(f"{where}: weights do not fit the {arch} architecture: {detail}") from None
@@ -260,6 +318,11 @@ def load_state(ckpt: dict, where: str = "checkpoint") -> Loaded:
     args, ffl, state = ckpt["model_args"], ckpt.get("ffl") or {}, ckpt["model"]
     if not isinstance(args, dict) or not isinstance(state, dict):
         raise CheckpointError(f"{where}: 'model_args' and 'model' must be dicts (nanoGPT layout)")
+    if not isinstance(ffl, dict) or not isinstance(ffl.get("arch_config", {}), dict):
+        raise CheckpointError(
+            f"{where}: the 'ffl' entry and its 'arch_config' must be dicts (ffinterp layout)"
+        )
+    state = _check_state(state, where)
     if ffl:
         fmt = ffl.get("format", FORMAT_VERSION)
         if isinstance(fmt, int) and fmt > FORMAT_VERSION:
@@ -267,7 +330,8 @@ def load_state(ckpt: dict, where: str = "checkpoint") -> Loaded:
                 f"{where}: written by a newer ffinterp (format {fmt}; this version reads up to "
                 f"{FORMAT_VERSION}): upgrade ffinterp"
             )
-        if list(ffl.get("vocab", VOCAB)) != list(VOCAB):
+        vocab_list = ffl.get("vocab", VOCAB)
+        if not isinstance(vocab_list, (list, tuple)) or list(vocab_list) != list(VOCAB):
             raise CheckpointError(f"{where}: vocabulary {ffl.get('vocab')} differs from {list(VOCAB)}")
     vocab = args.get("vocab_size")
     if vocab != VOCAB_SIZE:
@@ -284,11 +348,10 @@ def load_state(ckpt: dict, where: str = "checkpoint") -> Loaded:
                 f"{', '.join(NANOGPT_ARGS)})"
             )
         config = {**{k: args[k] for k in NANOGPT_ARGS if k in args}, **ffl.get("arch_config", {})}
+        _check_shapes(state, config, where)
     try:
         model = build_model(arch, config)
-    except (ValueError, TypeError) as e:
-        if isinstance(e, CheckpointError):
-            raise
+    except (ValueError, TypeError, ZeroDivisionError, RuntimeError, OverflowError) as e:
         raise CheckpointError(f"{where}: bad architecture in checkpoint: {_first_line(e)}") from None
     if arch == "gpt":
         # Older nanoGPT (no flash attention) saved its causal mask as "attn.bias"; it
@@ -319,7 +382,7 @@ def hf_gpt_config(hf: dict, where: str = "config.json") -> GPTConfig:
     if hf.get("vocab_size") != VOCAB_SIZE:
         raise CheckpointError(f"{where}: vocab_size is {hf.get('vocab_size')}, {VOCAB_HINT}")
     act = hf.get("activation_function", "gelu_new")
-    if act not in HF_ACTIVATIONS:
+    if not isinstance(act, str) or act not in HF_ACTIVATIONS:
         raise CheckpointError(
             f"{where}: activation_function {act!r} is not supported "
             f"(expected one of {', '.join(HF_ACTIVATIONS)})"
@@ -331,6 +394,19 @@ def hf_gpt_config(hf: dict, where: str = "config.json") -> GPTConfig:
         raise CheckpointError(
             f"{where}: add_cross_attention is not supported (expected a decoder-only GPT-2)"
         )
+    for key, default in (("n_layer", 12), ("n_head", 12), ("n_embd", 768), ("n_positions", 1024)):
+        v = hf.get(key, default)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise CheckpointError(f"{where}: {key} must be a positive integer, got {v!r}")
+    for key, default, lo, hi in (
+        ("layer_norm_epsilon", 1e-5, 0.0, 1.0),
+        ("embd_pdrop", 0.0, 0.0, 1.0),
+        ("attn_pdrop", 0.0, 0.0, 1.0),
+        ("resid_pdrop", 0.0, 0.0, 1.0),
+    ):
+        v = hf.get(key, default)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not lo <= v < hi:
+            raise CheckpointError(f"{where}: {key} must be a number in [{lo:g}, {hi:g}), got {v!r}")
     n_embd = hf.get("n_embd", 768)
     if hf.get("n_inner") not in (None, 4 * n_embd):
         raise CheckpointError(f"{where}: n_inner={hf['n_inner']} is not supported (expected 4 * n_embd)")
@@ -349,7 +425,7 @@ def hf_gpt_config(hf: dict, where: str = "config.json") -> GPTConfig:
             activation=HF_ACTIVATIONS[act],
             ln_eps=hf.get("layer_norm_epsilon", 1e-5),
         )
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, ZeroDivisionError) as e:
         raise CheckpointError(f"{where}: bad GPT-2 config: {_first_line(e)}") from None
 
 
@@ -383,10 +459,21 @@ def read_hf_weights(folder: Path) -> dict[str, Tensor]:
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+            except (
+                json.JSONDecodeError,
+                KeyError,
+                TypeError,
+                UnicodeDecodeError,
+                RecursionError,
+                OSError,
+            ) as e:
                 raise CheckpointError(
                     f"{index}: not a shard index with a 'weight_map' ({_first_line(e)})"
                 ) from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
+            if not weight_map:
+                raise CheckpointError(f"{index}: 'weight_map' names no shards")
             state: dict[str, Tensor] = {}
             for shard in sorted(set(weight_map.values())):
                 if Path(shard).name != shard:
@@ -426,14 +513,23 @@ def load_hf_folder(folder: str | os.PathLike) -> Loaded:
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
         raise CheckpointError(f"{folder}: no config.json (expected a Hugging Face save_pretrained folder)")
+    if cfg_path.is_dir():
+        raise CheckpointError(f"{cfg_path}: is a folder, expected a JSON file")
     try:
         hf = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"{cfg_path}: not valid JSON ({_first_line(e)})") from None
+    except OSError as e:
+        raise CheckpointError(f"{cfg_path}: cannot read ({e.strerror or type(e).__name__})") from None
     if not isinstance(hf, dict):
         raise CheckpointError(f"{cfg_path}: expected a JSON object")
     cfg = hf_gpt_config(hf, str(cfg_path))
-    state = convert_hf_state(read_hf_weights(folder), cfg, hf.get("tie_word_embeddings", True), str(folder))
-    model = GPT(cfg)
+    weights = _check_state(read_hf_weights(folder), str(folder))
+    state = convert_hf_state(weights, cfg, hf.get("tie_word_embeddings", True), str(folder))
+    _check_shapes(state, cfg.to_dict(), str(folder))
+    try:
+        model = GPT(cfg)
+    except (ValueError, TypeError, ZeroDivisionError, RuntimeError, OverflowError) as e:
+        raise CheckpointError(f"{cfg_path}: bad GPT-2 config: {_first_line(e)}") from None
     _load_weights(model, state, str(folder), "gpt")
     return Loaded(model=model, arch="gpt", source="hf", path=str(folder), meta={"hf_config": hf}, raw={})

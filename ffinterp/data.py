@@ -6,6 +6,7 @@ downloaded: the same name, size and length give the same tokens everywhere.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator
@@ -101,7 +102,12 @@ def read_sequences(path: str | os.PathLike, *, labelled: bool = True) -> Int[Ten
     path = Path(path)
     if not path.exists():
         raise FFLError(f"{path}: no such file")
-    texts = list(_read_texts(path))
+    if path.is_dir():
+        raise FFLError(f"{path}: is a folder, expected a file of sequences")
+    try:
+        texts = list(_read_texts(path))
+    except OSError as e:
+        raise FFLError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
     if not texts:
         raise FFLError(f"{path}: no sequences found")
     for line, text in texts:
@@ -112,18 +118,38 @@ def read_sequences(path: str | os.PathLike, *, labelled: bool = True) -> Int[Ten
     return from_text([t for _, t in texts])
 
 
+def _text_field(path: Path, k: int, value, what: str) -> str:
+    """A record's sequence, which must be a string (``str(None)`` would read as 'None')."""
+    if not isinstance(value, str):
+        raise FFLError(f"{path}:{k}: {what} must be a string, got {type(value).__name__}")
+    return value
+
+
 def _read_texts(path: Path) -> Iterator[tuple[int, str]]:
     if path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError, ValueError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise FFLError(f"{path}: not a readable parquet file (truncated or corrupt?): {first}") from None
         if "text" not in table.column_names:
             raise FFLError(f"{path}: parquet file has no 'text' column ({table.column_names})")
         for k, text in enumerate(table.column("text").to_pylist(), start=1):
-            yield k, str(text)
+            yield k, _text_field(path, k, text, "'text'")
         return
-    with open(path, encoding="utf-8") as f:
-        for k, raw in enumerate(f, start=1):
+    # Lines are decoded one by one, so a bad byte is reported on its own line; a byte-order
+    # mark (as Windows editors write) is not part of the first sequence.
+    with open(path, "rb") as f:
+        for k, data in enumerate(f, start=1):
+            try:
+                raw = data.decode("utf-8-sig" if k == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise FFLError(
+                    f"{path}:{k}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at column {e.start + 1})"
+                ) from None
             raw = raw.strip()
             if not raw:
                 continue
@@ -132,9 +158,11 @@ def _read_texts(path: Path) -> Iterator[tuple[int, str]]:
                     record = json.loads(raw)
                 except json.JSONDecodeError as e:
                     raise FFLError(f"{path}:{k}: invalid JSON ({e.msg})") from None
+                except RecursionError:
+                    raise FFLError(f"{path}:{k}: invalid JSON (nested too deeply)") from None
                 if "text" not in record:
                     raise FFLError(f"{path}:{k}: JSON line has no 'text' field")
-                yield k, str(record["text"])
+                yield k, _text_field(path, k, record["text"], "the 'text' field")
             else:
                 yield k, raw
 
@@ -146,16 +174,24 @@ def write_sequences(tokens: Int[Tensor, "n seq"], path: str | os.PathLike, fmt: 
     texts = to_text(tokens)
     texts = [texts] if isinstance(texts, str) else texts
     tmp = path.with_name(path.name + ".tmp")
-    if fmt == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    if path.is_dir():
+        raise FFLError(f"{path}: is a folder, expected a file to write")
+    try:
+        if fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
 
-        pq.write_table(pa.table({"text": texts}), tmp)
-    else:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for text in texts:
-                f.write((json.dumps({"text": text}) if fmt == "jsonl" else text) + "\n")
-    os.replace(tmp, path)
+            pq.write_table(pa.table({"text": texts}), tmp)
+        else:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for text in texts:
+                    f.write((json.dumps({"text": text}) if fmt == "jsonl" else text) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:  # a missing folder, no permission, a full disk: say so, leave nothing behind
+        raise FFLError(f"{path}: cannot write ({e.strerror or type(e).__name__})") from None
+    finally:
+        with contextlib.suppress(OSError):  # below a file, unlink fails too: nothing was written
+            tmp.unlink(missing_ok=True)
 
 
 def format_sequences(tokens: Int[Tensor, "n seq"], fmt: str = "text") -> str:

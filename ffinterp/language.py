@@ -109,6 +109,8 @@ def sample(
         raise FFLError(f"seq_len must be an even number >= 4 (a write and a read), got {seq_len}")
     if n < 0 or offset < 0:
         raise FFLError(f"n and offset must be non-negative, got n={n}, offset={offset}")
+    if seed < 0:
+        raise FFLError(f"seed must be a non-negative integer, got {seed}")
     if mix is None:
         mix = Mix.ffl(p_i)
     elif not isinstance(mix, Mix):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -248,26 +249,32 @@ def _rank_pid(parent: int, rank: int) -> int | None:
     return None
 
 
-def test_a_killed_rank_stops_the_job_in_one_line_and_the_output_resumes(ckpt, tmp_path):
-    out = tmp_path / "run"
-    args = glitch_args(
-        ckpt, out, "random", 2048, batch_size="16", seed="7", max_glitches="100000", no_minimize=""
-    )
-    proc = torchrun(*args, wait=False)
+def _kill_at_unit(proc, out: Path, unit: int, ranks: tuple[int, ...], launcher: bool = False) -> bool:
+    """SIGKILL the given ranks (and the launcher) once the search state passes ``unit``."""
     state = out / "state.json"
-    deadline, killed = time.time() + 180, False
+    deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None:
         if state.exists():
             try:
                 progress = json.loads(state.read_text())["strategies"]["random"]["next_unit"]
             except (ValueError, KeyError):
                 progress = 0
-            pid = _rank_pid(proc.pid, 1)
-            if progress >= 4 and pid is not None:
-                os.kill(pid, signal.SIGKILL)
-                killed = True
-                break
+            pids = [_rank_pid(proc.pid, r) for r in ranks]
+            if progress >= unit and None not in pids:
+                for pid in pids + ([proc.pid] if launcher else []):
+                    os.kill(pid, signal.SIGKILL)
+                return True
         time.sleep(0.01)
+    return False
+
+
+def test_a_killed_rank_stops_the_job_in_one_line_and_the_output_resumes(ckpt, tmp_path):
+    out = tmp_path / "run"
+    args = glitch_args(
+        ckpt, out, "random", 2048, batch_size="16", seed="7", max_glitches="100000", no_minimize=""
+    )
+    proc = torchrun(*args, wait=False)
+    killed = _kill_at_unit(proc, out, 4, ranks=(1,))
     _, err = proc.communicate(timeout=120)
     assert killed, "the job ended before rank 1 could be killed"
     assert proc.returncode != 0
@@ -276,7 +283,7 @@ def test_a_killed_rank_stops_the_job_in_one_line_and_the_output_resumes(ckpt, tm
     assert "lost contact" in ours[0] or "SIGTERM" in ours[0]
     assert "[rank0]: Traceback" not in err
     assert not (out / "summary.json").exists()  # stopped before the end; the state is whole
-    assert json.loads(state.read_text())["strategies"]["random"]["done"] is False
+    assert json.loads((out / "state.json").read_text())["strategies"]["random"]["done"] is False
     # resumed by one process (progress is counted in units, the same for any world size)
     resumed = find_glitches(
         ckpt, "random", 2048, seed=7, seq_len=T, batch_size=16, device="cpu", minimize=False,
@@ -289,3 +296,28 @@ def test_a_killed_rank_stops_the_job_in_one_line_and_the_output_resumes(ckpt, tm
     key = lambda gs: [(g["text"], g["read_pos"], g["margin"], g["id"]) for g in gs]  # noqa: E731
     assert key(read_jsonl(out / "glitches.jsonl")) == key(resumed) == key(fresh) and len(fresh) > 10
     assert resumed.summary["scored"] == fresh.summary["scored"] == 2048
+
+
+@pytest.mark.parametrize("seed", [21, 22])
+def test_the_whole_job_killed_then_resumed_under_torchrun_is_the_uninterrupted_run(ckpt, tmp_path, seed):
+    """SIGKILL to both ranks and the launcher at a seeded point, then ``torchrun ... --resume``:
+    the glitches are the uninterrupted run's, none lost and none twice."""
+    out = tmp_path / "run"
+    args = glitch_args(
+        ckpt, out, "random", 2048, batch_size="16", seed=str(seed), max_glitches="100000", no_minimize=""
+    )
+    kill_at = random.Random(seed).randint(2, 10)
+    proc = torchrun(*args, wait=False)
+    killed = _kill_at_unit(proc, out, kill_at, ranks=(0, 1), launcher=True)
+    proc.communicate(timeout=120)
+    assert killed, "the job ended before it could be killed"
+    assert not (out / "summary.json").exists()
+    r = torchrun(*args, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    fresh = find_glitches(
+        ckpt, "random", 2048, seed=seed, seq_len=T, batch_size=16, device="cpu", minimize=False,
+        diagnose=False, max_glitches=100000,
+    )  # fmt: skip
+    key = lambda gs: [(g["text"], g["read_pos"], g["margin"], g["id"]) for g in gs]  # noqa: E731
+    assert key(read_jsonl(out / "glitches.jsonl")) == key(fresh) and len(fresh) > 10
+    assert json.loads((out / "summary.json").read_text())["scored"] == fresh.summary["scored"] == 2048

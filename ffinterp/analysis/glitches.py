@@ -26,6 +26,7 @@ best candidates every rank found in the last round (island-model migration).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -202,7 +203,42 @@ class GlitchFinder:
     def _open_out(self, resume: bool) -> None:
         if self.out.exists() and not self.out.is_dir():
             raise FFInterpError(f"--out {self.out}: exists and is not a directory")
-        self.out.mkdir(parents=True, exist_ok=True)
+        with _writing(self.out):
+            self.out.mkdir(parents=True, exist_ok=True)
+        self._take_lock()
+        try:
+            with _writing(self.out):
+                self._open_out_locked(resume)
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _take_lock(self) -> None:
+        """Hold ``out/.lock`` for the run: a second search writing the same files would
+        interleave lines and clobber the state, so it is refused instead."""
+        import fcntl
+
+        with _writing(self.out):
+            lock = open(self.out / ".lock", "a")  # noqa: SIM115 - held until the run ends
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            raise FFInterpError(
+                f"--out {self.out}: another find-glitches run is writing there ({self.out / '.lock'} is "
+                "held); wait for it to finish or choose another --out"
+            ) from None
+        self._lock = lock
+
+    def _release_lock(self) -> None:
+        lock, self._lock = getattr(self, "_lock", None), None
+        if lock is not None:
+            lock.close()  # closing the file drops the flock
+
+    def __del__(self) -> None:
+        self._release_lock()
+
+    def _open_out_locked(self, resume: bool) -> None:
         started = self.state_path.exists() or (self.jsonl.exists() and self.jsonl.stat().st_size > 0)
         if not resume:
             if started:
@@ -248,7 +284,8 @@ class GlitchFinder:
 
     def _save_state(self) -> None:
         if self.out is not None and self.dist.is_main:
-            write_json_atomic(self.state_path, self.state)
+            with _writing(self.state_path):
+                write_json_atomic(self.state_path, self.state)
 
     def _append(self, record: dict) -> None:
         self.glitches.append(record)
@@ -260,10 +297,17 @@ class GlitchFinder:
         """Append one whole line to the JSONL and fsync it (a kill leaves at most a torn
         last line, which resuming drops)."""
         if self.out is not None:
-            with open(self.jsonl, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record, separators=(",", ":")) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            line = json.dumps(record, separators=(",", ":")) + "\n"
+            with _writing(self.jsonl), open(self.jsonl, "a", encoding="utf-8") as f:
+                size = f.tell()
+                try:
+                    f.write(line)
+                    f.flush()
+                    os.fsync(f.fileno())
+                except OSError:  # a full disk: cut the torn line, so the file stays whole lines
+                    with contextlib.suppress(OSError):
+                        f.truncate(size)
+                    raise
 
     # ------------------------------------------------------------ the run
 
@@ -281,19 +325,24 @@ class GlitchFinder:
         # On an exception the state file keeps the last unit boundary (written by
         # _run_strategy); saving the live state here would count a half unit twice.
         try:
-            for strategy, share in zip(self.strategies, self.budgets):
-                if len(self.glitches) >= self.max_glitches:
-                    break
-                self._run_strategy(strategy, share)
+            try:
+                for strategy, share in zip(self.strategies, self.budgets):
+                    if len(self.glitches) >= self.max_glitches:
+                        break
+                    self._run_strategy(strategy, share)
+            finally:
+                if bar is not None:
+                    bar.close()
+            self.state["wall_s"] = wall_before + time.perf_counter() - t0
+            self._save_state()
+            report = GlitchReport(self.glitches, self.summary(), model=self.ffl)
+            if self.out is not None and self.dist.is_main:
+                with _writing(self.out / "summary.json"):
+                    write_json_atomic(self.out / "summary.json", report.summary)
+                with _writing(self.out / "report.html"):
+                    report.save_html(self.out / "report.html")
         finally:
-            if bar is not None:
-                bar.close()
-        self.state["wall_s"] = wall_before + time.perf_counter() - t0
-        self._save_state()
-        report = GlitchReport(self.glitches, self.summary(), model=self.ffl)
-        if self.out is not None and self.dist.is_main:
-            write_json_atomic(self.out / "summary.json", report.summary)
-            report.save_html(self.out / "report.html")
+            self._release_lock()
         return report
 
     def _run_strategy(self, strategy: Strategy, share: int) -> None:
@@ -635,6 +684,18 @@ def _keep_best(elites: list[tuple[float, str]], sc: Scored) -> None:
         elites += [(float(sc.min_margin[r]), str(to_text(sc.tokens[r]))) for r in best.tolist()]
         elites.sort()
         del elites[4 * MIGRANTS :]
+
+
+@contextlib.contextmanager
+def _writing(path: Path):
+    """Turn a failed write (full disk, no permission, a file where a folder should be) into one
+    line naming ``path``, and remove the temp file an atomic write of ``path`` left behind."""
+    try:
+        yield
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            path.with_name(f".{path.name}.tmp{os.getpid()}").unlink(missing_ok=True)
+        raise FFInterpError(f"{path}: cannot write ({e.strerror or type(e).__name__})") from None
 
 
 def _tokens(text: str):

@@ -49,6 +49,41 @@ def fail(message: str) -> None:
     raise FFInterpError(message)
 
 
+def check_out_file(out, flag: str = "--out") -> None:
+    """Refuse an output file path that cannot be written (a folder, or below a file) before any
+    work is done, so a long run never ends in a traceback at its last step."""
+    from pathlib import Path
+
+    if out is None:
+        return
+    out = Path(out)
+    if str(out) in ("", "."):
+        fail(f"{flag}: empty path")
+    if out.is_dir():
+        fail(f"{flag} {out}: is a folder, expected a file name")
+    _check_parents(out, flag)
+
+
+def check_out_dir(out, flag: str = "--out") -> None:
+    """Refuse an output folder that cannot be made (empty, a file, or below a file) up front."""
+    from pathlib import Path
+
+    out = Path(out)
+    if str(out) in ("", "."):
+        fail(f"{flag}: empty path; name a folder")
+    if out.exists() and not out.is_dir():
+        fail(f"{flag} {out}: is a file, expected a folder")
+    _check_parents(out, flag)
+
+
+def _check_parents(out, flag: str) -> None:
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                fail(f"{flag} {out}: {parent} is a file, not a folder")
+            break
+
+
 # Command modules register themselves on `app` when imported.
 from ffinterp.cli import attention as _attention  # noqa: E402,F401
 from ffinterp.cli import estimate as _estimate  # noqa: E402,F401
@@ -81,8 +116,16 @@ EXITS = _click_exceptions("Exit")
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning every usage or input error into one line and exit 2."""
     command = typer.main.get_command(app)
+    args = sys.argv[1:] if argv is None else list(argv)
+    for k, arg in enumerate(args):
+        # No count, length or seed beyond int64 makes sense, and torch or numpy would overflow
+        # (or loop for ages) deep inside; refuse it while the flag can still be named.
+        if arg.lstrip("-").isdigit() and abs(int(arg)) > 2**63 - 1:
+            flag = args[k - 1] if k and args[k - 1].startswith("--") else "argument"
+            print(f"ffinterp: error: {flag} {arg}: out of range (at most {2**63 - 1})", file=sys.stderr)
+            sys.exit(2)
     try:
-        rv = command.main(args=argv, prog_name="ffinterp", standalone_mode=False)
+        rv = command.main(args=args, prog_name="ffinterp", standalone_mode=False)
     except USAGE_ERRORS as e:
         if type(e).__name__ == "NoArgsIsHelpError":  # bare `ffinterp`: show the help
             print(e.format_message(), file=sys.stderr)

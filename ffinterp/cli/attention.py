@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ffinterp.cli import app, fail
+from ffinterp.cli import app, check_out_file, fail
 
 SPARSE_P_I = 0.98
 
@@ -65,6 +65,7 @@ def attention(
         fail("--bars plots one head at one read; it does not combine with --all-heads")
     if out is not None and out.suffix.lower() not in HTML_SUFFIXES + IMAGE_SUFFIXES:
         fail(f"--out {out}: unknown figure format {out.suffix or '(no suffix)'!r} (use .html, .png or .svg)")
+    check_out_file(out)
     if device != "auto" and not (device == "cpu" or device.startswith("cuda")):
         fail(f"--device must be auto, cpu or cuda[:N], got {device!r}")
 

@@ -32,6 +32,8 @@ def find_glitches_cmd(
     from ffinterp.analysis.search import STRATEGIES
     from ffinterp.pretrained import DEFAULT_MODEL, PREFIX
 
+    if ckpt is not None and not ckpt.strip():  # '' is not "the default model": say so
+        fail("CKPT: empty path; give a checkpoint, or leave it out for the shipped default model")
     if strategy != "all" and strategy not in STRATEGIES:
         fail(f"--strategy must be one of {', '.join(sorted(STRATEGIES))} or all, got {strategy!r}")
     if budget < 1:
@@ -44,6 +46,8 @@ def find_glitches_cmd(
         fail(f"--device must be auto, cpu or cuda[:N], got {device!r}")
     if seq_len is not None and (seq_len < 4 or seq_len % 2):
         fail(f"--seq-len must be an even number >= 4, got {seq_len}")
+    if str(out) in ("", "."):  # an empty --out would scatter the output files over the working folder
+        fail("--out: empty path; name a folder for glitches.jsonl, summary.json and report.html")
     from ffinterp import distributed
 
     spec = ckpt or PREFIX + DEFAULT_MODEL

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ffinterp.cli import app, fail
+from ffinterp.cli import app, check_out_file, fail
 
 WHAT = {
     "heads": "z",
@@ -83,6 +83,7 @@ def patch(
         fail(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
     if out is not None and out.suffix.lower() not in HTML_SUFFIXES + IMAGE_SUFFIXES:
         fail(f"--out {out}: unknown figure format {out.suffix or '(no suffix)'!r} (use .html, .png or .svg)")
+    check_out_file(out)
     if device != "auto" and not (device == "cpu" or device.startswith("cuda")):
         fail(f"--device must be auto, cpu or cuda[:N], got {device!r}")
     if seq_len is not None and (seq_len < 4 or seq_len % 2):
@@ -96,6 +97,9 @@ def patch(
     from ffinterp.hooked import load_model
 
     if seq is not None:
+        from ffinterp.language import validate
+
+        validate(seq, where="--seq: ")
         make_pair(seq, corrupt, read)  # bad --seq or --read: say so before loading the model
 
     model = load_model(ckpt, device=device)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from ffinterp.cli import app, fail
+from ffinterp.cli import app, check_out_file, fail
 from ffinterp.data import format_sequences, read_sequences, write_sequences
 from ffinterp.language import sample as sample_tokens
 
@@ -24,6 +24,7 @@ def sample(
     """Sample FFL(p_i) sequences in the synthseq/flipflop text format."""
     if fmt not in ("text", "jsonl", "parquet"):
         fail(f"--format must be text, jsonl or parquet, got {fmt!r}")
+    check_out_file(out)
     if seq_len % 2:
         fail(f"--seq-len must be even (instruction-bit pairs), got {seq_len}")
     tokens = sample_tokens(n, seq_len, p_i, seed=seed)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from ffinterp.cli import app, fail
+from ffinterp.cli import app, check_out_dir, fail
 
 
 def _floats(text: str, flag: str) -> list[float]:
@@ -52,9 +52,28 @@ def train(
     ),
 ) -> None:
     """Train a model on flip-flop data; Ctrl-C saves a valid checkpoint."""
+    import math
+
     from ffinterp.train import TrainConfig
     from ffinterp.train import train as run
 
+    check_out_dir(out)
+    for flag, value in (("--lr", lr), ("--weight-decay", weight_decay), ("--sharpen", sharpen)):
+        if not math.isfinite(value):
+            fail(f"{flag} must be a finite number, got {value}")
+    if device != "auto" and not (device == "cpu" or device.startswith("cuda")):
+        fail(f"--device must be auto, cpu or cuda[:N], got {device!r}")
+    if device.startswith("cuda"):
+        import torch
+
+        try:
+            torch.device(device)
+        except RuntimeError:
+            fail(f"--device must be auto, cpu or cuda[:N], got {device!r}")
+        if not torch.cuda.is_available():
+            fail(f"--device {device}: CUDA is not available on this machine")
+    if pos_embedding not in ("learned", "sinusoidal"):
+        fail(f"--pos-embedding must be learned or sinusoidal, got {pos_embedding!r}")
     try:
         cfg = TrainConfig(
             preset=preset,
