@@ -36,6 +36,10 @@ from ffinterp.errors import DeadHookError
 #: far above float noise between batch sizes, far below any patch worth reporting.
 MOVE_TOL = 1e-4
 
+#: The canary adds noise this many times the activation's largest entry: large enough that even
+#: a saturated model (the hand-built circuit's sharp softmaxes) moves when the hook is live.
+CANARY_SCALE = 100.0
+
 Hook = tuple[str, Callable]
 
 
@@ -146,7 +150,8 @@ class HookCheck:
             def hook(act: Tensor, hook=None) -> Tensor:
                 act = act.clone()
                 noise = torch.randn(act.shape[1:], generator=gen).to(act.device, act.dtype)
-                act[row] = act[row] + noise * act[row].float().abs().amax().clamp_min(1.0).to(act.dtype)
+                scale = CANARY_SCALE * act[row].float().abs().amax().clamp_min(1.0)
+                act[row] = act[row] + noise * scale.to(act.dtype)
                 return act
 
             return hook
@@ -173,4 +178,4 @@ class HookCheck:
                 )
 
 
-__all__ = ["MOVE_TOL", "HookCheck", "moved"]
+__all__ = ["CANARY_SCALE", "MOVE_TOL", "HookCheck", "moved"]
