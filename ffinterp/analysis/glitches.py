@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ffinterp import distributed
+from ffinterp.analysis import adversary  # noqa: F401  (registers the "distribution" strategy)
 from ffinterp.analysis.report import GlitchReport, write_json_atomic
 from ffinterp.analysis.search import (
     BudgetSpent,
@@ -384,6 +385,7 @@ class GlitchFinder:
             ctx.best_margin = float("inf") if st["best_margin"] is None else st["best_margin"]
             ctx.migrants = self._migrants(strategy.name) if track else None
             elites.clear()
+            ctx.findings = []
             start, grads = ctx.scored, ctx.grad_evals
             if not ctx.done and len(self.glitches) < self.max_glitches:
                 try:
@@ -403,6 +405,7 @@ class GlitchFinder:
                 "state": self.state,
                 "records": self.glitches[n0:],
                 "elites": list(elites),
+                "findings": ctx.findings,
             }
             if d.active:  # back to the agreed state; rank 0 merges everyone's round into it
                 self.state, self.glitches = agreed, self.glitches[:n0]
@@ -430,6 +433,8 @@ class GlitchFinder:
             if res["best_margin"] != float("inf"):
                 st["best_margin"] = min(res["best_margin"], st["best_margin"] or float("inf"))
             elites += res["elites"]
+            if res.get("findings"):
+                st.setdefault("findings", []).extend(res["findings"])
             for rec in res["records"]:
                 key = (rec["text"], rec["read_pos"])
                 if len(kept) + len(accepted) >= self.max_glitches:

@@ -158,6 +158,9 @@ class SearchContext:
         # Under torchrun: the best candidates other ranks found so far (island-model
         # migration for evolve and gradient); None in a single process.
         self.migrants: Int[Tensor, "m seq"] | None = None
+        # What a unit learned beyond its glitches (the distribution adversary's best
+        # distribution); the finder keeps them in the summary under the strategy.
+        self.findings: list[dict] = []
 
     @property
     def remaining(self) -> int:

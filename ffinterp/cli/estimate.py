@@ -25,8 +25,22 @@ def estimate_command(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
+    maximize: bool = typer.Option(
+        False,
+        "--maximize",
+        help="Instead: search for the FFL distribution with the most read errors (CMA-ES).",
+    ),
+    per_eval: int = typer.Option(
+        64, "--per-eval", help="With --maximize: sequences per candidate distribution."
+    ),
+    confirm: int = typer.Option(
+        2_000, "--confirm", help="With --maximize: fresh sequences to re-measure the best."
+    ),
 ) -> None:
     """P[a sequence has a read error] under FFL(p_i), by importance sampling (or plain sampling).
+
+    With --maximize, search instead for the piecewise FFL distribution (started at FFL(p_i))
+    with the highest read-error rate, and re-measure it on --confirm fresh sequences.
 
     An interval the weights cannot support is never printed: the point estimate comes with
     an "interval not reliable" line instead (and null bounds plus a warning in --json).
@@ -44,6 +58,20 @@ def estimate_command(
         fail(f"--batch-size must be >= 1, got {batch_size}")
     if seq_len is not None and (seq_len < 4 or seq_len % 2):
         fail(f"--seq-len must be an even number >= 4, got {seq_len}")
+    if maximize:
+        from ffinterp.analysis.adversary import default_family
+        from ffinterp.analysis.adversary import maximize as run_maximize
+
+        if per_eval < 1 or per_eval > budget:
+            fail(f"--per-eval must lie in [1, --budget], got {per_eval}")
+        if confirm < 1:
+            fail(f"--confirm must be >= 1, got {confirm}")
+        found = run_maximize(
+            ckpt, start=default_family(p_i=p_i), seq_len=seq_len, budget=budget, per_eval=per_eval,
+            confirm=confirm, seed=seed, batch_size=batch_size, device=device, progress=progress,
+        )  # fmt: skip
+        typer.echo(json.dumps(found.to_dict(), indent=2) if as_json else str(found))
+        return
     result = estimate(
         ckpt,
         FFL.from_p_i(p_i),

@@ -14,7 +14,9 @@ def find_glitches_cmd(
     ckpt: str = typer.Argument(
         None, help="ckpt.pt, nanoGPT, HF folder or pretrained:NAME (default: the shipped mitigated model)."
     ),
-    strategy: str = typer.Option("all", "--strategy", help="random, families, evolve, gradient or all."),
+    strategy: str = typer.Option(
+        "all", "--strategy", help="random, families, evolve, gradient, distribution or all (the first four)."
+    ),
     budget: int = typer.Option(20_000, "--budget", help="Sequences to score on the fast model (shared)."),
     seed: int = typer.Option(0, "--seed", help="Seed of every search stream."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA if present), cpu, cuda, cuda:1 ..."),
