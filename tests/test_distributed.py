@@ -216,6 +216,27 @@ def test_eval_on_two_ranks_gives_the_single_process_counts(ckpt):
     assert one["sets"]["sparse"]["errors"] > 0 and two["device"] == "cpu x 2 ranks"
 
 
+def test_estimate_on_two_ranks_is_the_single_process_estimate(ckpt):
+    """Each rank scores half of every pilot round and of the final sample; the gathered
+    scores make both ranks adapt the same proposal, so the result is one process's."""
+    from ffinterp.analysis.families import FFL
+    from ffinterp.analysis.tail import estimate
+
+    args = ["--p-i", "0.98", "--seq-len", str(T), "--budget", "3000", "--seed", "2", "--device", "cpu"]
+    r = torchrun("estimate", ckpt, *args, "--json", "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = json.loads(r.stdout)  # rank 0 alone prints
+    one = estimate(ckpt, FFL.from_p_i(0.98), budget=3000, seed=2, seq_len=T, device="cpu", progress=False)
+    one = one.to_dict()
+    assert one["hits"] > 0 and one["scored"] == two["scored"] == 3000
+    for key in ("estimate", "per_read", "hits", "n", "ess", "proposal", "reliable"):
+        assert (
+            two[key] == pytest.approx(one[key], rel=1e-9)
+            if isinstance(one[key], float)
+            else two[key] == one[key]
+        )
+
+
 def test_evolve_on_two_ranks_merges_real_distinct_glitches(ckpt, tmp_path):
     out = tmp_path / "evo"
     r = torchrun(*glitch_args(ckpt, out, "evolve", 1500, batch_size="64", seed="1", no_minimize=""))

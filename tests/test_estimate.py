@@ -19,6 +19,7 @@ import torch
 
 from ffinterp.analysis.families import FFL, Markov
 from ffinterp.analysis.tail import estimate, score_rows
+from ffinterp.errors import FFInterpError
 from ffinterp.language import ONE, ZERO, I, R, W, reads
 from ffinterp.models.constructed import (
     CircuitParams,
@@ -240,3 +241,42 @@ def test_cli_estimate_json_and_bad_flags(tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     code, out, err = run_cli(capsys, "estimate", str(tmp_path / "missing.pt"), "--no-progress")
     assert code == 2 and len(err.strip().splitlines()) == 1
+
+
+def test_a_killed_estimate_resumes_from_its_journal_to_the_same_result(tmp_path, monkeypatch):
+    """Kill the run (an exception from the scorer) after 3 chunks, rerun with the same
+    journal: the chunks already scored are not scored again, and the result is the
+    uninterrupted run's."""
+    from ffinterp.analysis import tail
+
+    monkeypatch.setattr(tail, "JOURNAL_ROWS", 500)
+    model = build_circuit(8.0, block_size=T)
+    kw = dict(budget=6000, seed=3, device="cpu", progress=False)
+    whole = estimate(model, FFL.from_p_i(0.9), **kw).to_dict()
+    real, calls = tail._score_shared, []
+
+    def dying(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(tail, "_score_shared", dying)
+    book = tmp_path / "est.journal"
+    with pytest.raises(KeyboardInterrupt):
+        estimate(model, FFL.from_p_i(0.9), journal=book, **kw)
+    assert book.exists()
+    calls.clear()
+    monkeypatch.setattr(tail, "_score_shared", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    resumed = estimate(model, FFL.from_p_i(0.9), journal=book, **kw).to_dict()
+    for d in (whole, resumed):
+        d.pop("seconds")
+    assert resumed == whole
+    chunks = len(torch.load(book, weights_only=True)["chunks"])
+    assert len(calls) == chunks - 3  # the three journalled chunks were read back, not rescored
+    # Another run's journal is refused with one line.
+    with pytest.raises(FFInterpError, match="journal of another run"):
+        estimate(model, FFL.from_p_i(0.98), journal=book, **kw)
+    (tmp_path / "junk").write_bytes(b"not a journal")
+    with pytest.raises(FFInterpError, match="not an estimate journal"):
+        estimate(model, FFL.from_p_i(0.9), journal=tmp_path / "junk", **kw)

@@ -51,16 +51,20 @@ on reads, as in :func:`ffinterp.evaluate.evaluate`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from statistics import NormalDist
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
+from ffinterp import distributed
 from ffinterp.analysis.families import Family, Markov, Mixture, Piecewise, interpolate
 from ffinterp.analysis.search import derive_seed
 from ffinterp.device import resolve_device
@@ -70,6 +74,7 @@ from ffinterp.language import last_write_pos, read_mask
 from ffinterp.models.gpt import GPT
 
 METHODS = ("is", "mc")
+JOURNAL_ROWS = 2048  # sequences per journalled chunk: what a kill can cost at most
 
 
 # ---------------------------------------------------------------- scoring
@@ -181,6 +186,82 @@ class TailEstimate:
         return "\n".join(self.lines())
 
 
+# ---------------------------------------------------------------- sharding and resume
+
+
+def _digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class Journal:
+    """The scores of every chunk scored so far, keyed by its place in the run, on disk.
+
+    Every sample is a pure function of the seed and of the scores before it, so a rerun with
+    the same arguments regenerates the same chunks; those in the journal are taken from it
+    instead of being scored again, and the result is the uninterrupted run's. The file holds
+    tensors and plain values only (read back with ``weights_only=True``) and is replaced
+    atomically after each chunk; under torchrun rank 0 writes it and every rank reads it.
+    """
+
+    def __init__(self, path: str | os.PathLike | None, fingerprint: dict, dist: distributed.Dist):
+        self.path = Path(path) if path is not None else None
+        self.fingerprint = json.dumps(fingerprint, sort_keys=True)
+        self.dist = dist
+        self.chunks: dict[str, Tensor] = {}
+        if self.path is not None and self.path.exists():
+            try:
+                saved = torch.load(self.path, map_location="cpu", weights_only=True)
+                ok = isinstance(saved, dict) and isinstance(saved.get("chunks"), dict)
+            except Exception as e:  # a torn or foreign file: one line, never a traceback
+                raise FFInterpError(
+                    f"{self.path}: not an estimate journal ({str(e).splitlines()[0]})"
+                ) from None
+            if not ok:
+                raise FFInterpError(f"{self.path}: not an estimate journal")
+            if saved.get("fingerprint") != self.fingerprint:
+                raise FFInterpError(
+                    f"{self.path}: journal of another run (model or arguments differ); "
+                    "delete it or give another --journal"
+                )
+            self.chunks = dict(saved["chunks"])
+
+    def get(self, key: str) -> Tensor | None:
+        return self.chunks.get(key)
+
+    def put(self, key: str, scores: Tensor) -> None:
+        self.chunks[key] = scores
+        if self.path is None or not self.dist.is_main:
+            return
+        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        try:
+            torch.save({"fingerprint": self.fingerprint, "chunks": self.chunks}, tmp)
+            os.replace(tmp, self.path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise FFInterpError(f"{self.path}: cannot write the journal ({e.strerror or e})") from None
+
+
+def _score_shared(
+    fast: nn.Module, tokens: Tensor, dev: torch.device, batch_size: int, dist: distributed.Dist
+) -> Tensor:
+    """[n, 3] float64 (reads, errors, smallest margin) of every row, each rank scoring rows
+    ``rank::world`` and every rank getting all of them back."""
+    mine = tokens[dist.rank :: dist.world_size]
+    parts = [score_rows(fast, c.to(dev, non_blocking=True)) for c in mine.split(batch_size)]
+    cols = [torch.stack([p.reads.double(), p.errors.double(), p.min_margin.double()], 1) for p in parts]
+    local = torch.cat(cols) if cols else torch.empty(0, 3, dtype=torch.float64)
+    if not dist.active:
+        return local
+    out = torch.empty(len(tokens), 3, dtype=torch.float64)
+    for r, part in enumerate(dist.all_gather(local)):
+        out[r :: dist.world_size] = part
+    return out
+
+
 # ---------------------------------------------------------------- estimator
 
 
@@ -239,6 +320,8 @@ def estimate(
     defensive: float = 0.1,
     min_hits: int = 10,
     min_ess: float = 10.0,
+    journal: str | os.PathLike | None = None,
+    dist: distributed.Dist | None = None,
 ) -> TailEstimate:
     """Estimate P[>= 1 read error] of ``model`` on sequences from ``target``.
 
@@ -250,6 +333,11 @@ def estimate(
     docstring for the interval and when it is flagged). ``model`` is a fast model, an
     ``FFLModel`` or a checkpoint spec; ``seq_len`` defaults to its block size. The model is
     put back on its device and in its train/eval mode afterwards.
+
+    Under torchrun (``dist``, default :func:`ffinterp.distributed.current`) each rank scores
+    a strided share of every sample and the scores are gathered, so every rank adapts the
+    same proposal and the result is one process's, for any world size. ``journal`` records
+    every scored chunk; rerunning with the same file resumes where a killed run stopped.
     """
     fast, _ = _as_model(model)
     if method not in METHODS:
@@ -284,6 +372,14 @@ def estimate(
 
     from tqdm.auto import tqdm
 
+    dist = dist if dist is not None else distributed.current()
+    settings = dict(
+        target=str(target), budget=budget, seed=seed, method=method, seq_len=t, pilot=pilot, rounds=rounds,
+        chains=chains, broaden=broaden, proposal=str(proposal), segments=segments, elite=elite,
+        smoothing=smoothing, defensive=defensive,
+    )  # fmt: skip
+    book = Journal(journal, {"model": _digest(fast), **settings}, dist) if journal is not None else None
+    book = book or Journal(None, {}, dist)
     param = next(fast.parameters(), None)
     home = param.device if param is not None else torch.device("cpu")
     was_training = fast.training
@@ -291,21 +387,28 @@ def estimate(
     start = time.perf_counter()
     try:
         with tqdm(
-            total=budget, desc=f"estimate ({method})", unit="seq", disable=not progress, dynamic_ncols=True
+            total=budget,
+            desc=f"estimate ({method})",
+            unit="seq",
+            disable=not (progress and dist.is_main),
+            dynamic_ncols=True,
         ) as bar:
 
-            def run(tokens: Tensor) -> RowScores:
+            def run(tokens: Tensor, key: str) -> RowScores:
                 parts = []
-                for chunk in tokens.split(batch_size):
-                    parts.append(score_rows(fast, chunk.to(dev, non_blocking=True)))
+                for k, chunk in enumerate(tokens.split(JOURNAL_ROWS)):
+                    got = book.get(f"{key}/{k}")
+                    if got is None or len(got) != len(chunk):
+                        got = _score_shared(fast, chunk, dev, batch_size, dist)
+                        book.put(f"{key}/{k}", got)
+                    parts.append(got)
                     bar.update(len(chunk))
-                return RowScores(
-                    *(torch.cat([getattr(p, f) for p in parts]) for f in ("reads", "errors", "min_margin"))
-                )
+                x = torch.cat(parts)
+                return RowScores(x[:, 0].long(), x[:, 1].long(), x[:, 2])
 
             if method == "mc":
                 tokens = target.sample(budget, t, seed=derive_seed(seed, "mc"))
-                s = run(tokens)
+                s = run(tokens, "mc")
                 hits, reads, errors = int(s.any_error.sum()), int(s.reads.sum()), int(s.errors.sum())
                 lo, hi = clopper_pearson(hits, budget, 1 - confidence)
                 rlo, rhi = clopper_pearson(errors, reads, 1 - confidence)
@@ -321,7 +424,7 @@ def estimate(
                 for r in range(rounds):
                     g = Mixture((target, adapted), (defensive, 1 - defensive))
                     tokens = g.sample(per_round, t, seed=derive_seed(seed, "pilot", c, r))
-                    s = run(tokens)
+                    s = run(tokens, f"pilot/{c}/{r}")
                     scored += len(tokens)
                     logw = target.log_prob(tokens) - g.log_prob(tokens)
                     err = s.any_error
@@ -353,7 +456,7 @@ def estimate(
             g = Mixture((target, *adapted_all), (defensive, *share))
             n = budget - scored
             tokens = g.sample(n, t, seed=derive_seed(seed, "final"))
-            s = run(tokens)
+            s = run(tokens, "final")
             scored += n
     finally:
         fast.to(home).train(was_training)
@@ -398,4 +501,4 @@ def estimate(
     )  # fmt: skip
 
 
-__all__ = ["METHODS", "RowScores", "TailEstimate", "estimate", "score_rows"]
+__all__ = ["METHODS", "Journal", "RowScores", "TailEstimate", "estimate", "score_rows"]

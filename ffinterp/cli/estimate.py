@@ -36,6 +36,9 @@ def estimate_command(
     confirm: int = typer.Option(
         2_000, "--confirm", help="With --maximize: fresh sequences to re-measure the best."
     ),
+    journal: str = typer.Option(
+        None, "--journal", help="Record scored chunks in this file; rerun with it to resume a killed run."
+    ),
 ) -> None:
     """P[a sequence has a read error] under FFL(p_i), by importance sampling (or plain sampling).
 
@@ -58,7 +61,12 @@ def estimate_command(
         fail(f"--batch-size must be >= 1, got {batch_size}")
     if seq_len is not None and (seq_len < 4 or seq_len % 2):
         fail(f"--seq-len must be an even number >= 4, got {seq_len}")
+    from ffinterp import distributed
+
+    dist = distributed.init(device)  # under torchrun: each rank scores a share of every sample
     if maximize:
+        if dist.active:
+            fail("--maximize does not shard across ranks yet: run it without torchrun")
         from ffinterp.analysis.adversary import default_family
         from ffinterp.analysis.adversary import maximize as run_maximize
 
@@ -80,7 +88,10 @@ def estimate_command(
         method=method,
         seq_len=seq_len,
         batch_size=batch_size,
-        device=device,
+        device=dist.device if dist.active else device,
         progress=progress,
+        journal=journal,
+        dist=dist,
     )
-    typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else str(result))
+    if dist.is_main:
+        typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else str(result))
