@@ -31,11 +31,23 @@ from ffinterp.pretrained import INDEX_PATH, ZOO_DIR, sha256_of
 KEEP = ("model_args", "model", "iter_num", "config", "ffl")
 
 
-def run_eval(run_dir: Path, batch_size: int = 256) -> dict:
-    """The run's standard-set figures, from ``eval.json`` when it matches the checkpoint."""
+def parse_n(text: str) -> dict[str, int] | None:
+    """``"4000,20000,1000"``: the first sequences of the in, sparse and dense sets; "" = all."""
+    if not text:
+        return None
+    counts = [int(x) for x in text.split(",")]
+    if len(counts) != 3 or min(counts) < 1:
+        raise SystemExit(f"--eval-n: give three positive counts (in,sparse,dense), got {text!r}")
+    return dict(zip(("in", "sparse", "dense"), counts))
+
+
+def run_eval(run_dir: Path, batch_size: int = 256, n: dict[str, int] | None = None) -> dict:
+    """The run's standard-set figures, from ``eval.json`` when it matches the checkpoint
+    (``n``: the first sequences of each set only, cached in ``eval-nIN-SPARSE-DENSE.json``)."""
     ckpt = run_dir / "ckpt.pt"
     digest = sha256_of(ckpt)
-    cache = run_dir / "eval.json"
+    tag = "" if n is None else "-n" + "-".join(str(n[k]) for k in ("in", "sparse", "dense"))
+    cache = run_dir / f"eval{tag}.json"
     if cache.exists():
         cached = json.loads(cache.read_text())
         if cached.get("ckpt_sha256") == digest:
@@ -43,13 +55,14 @@ def run_eval(run_dir: Path, batch_size: int = 256) -> dict:
     raw = read_checkpoint_file(ckpt)
     seq_len = int(raw["config"]["seq_len"])
     t0 = time.perf_counter()
-    result = evaluate(load_checkpoint(ckpt).model, seq_len=seq_len, batch_size=batch_size, device="cpu")
+    result = evaluate(load_checkpoint(ckpt).model, n=n, seq_len=seq_len, batch_size=batch_size, device="cpu")
     print(f"{run_dir}:\n{result.table()}", file=sys.stderr)
     figures = {
         "ckpt_sha256": digest,
         "seed": int(raw["config"]["seed"]),
         "steps": int(raw["iter_num"]),
         "command": raw["ffl"]["train"].get("command", ""),
+        "sequences_per_set": n or "full",  # the first n of each set, or the whole set
         "eval": {
             s.name: {
                 "n_sequences": s.n_seqs,
@@ -72,7 +85,7 @@ def run_eval(run_dir: Path, batch_size: int = 256) -> dict:
 
 def add(args: argparse.Namespace) -> None:
     raw = read_checkpoint_file(args.run_dir / "ckpt.pt")
-    figures = run_eval(args.run_dir, args.batch_size)
+    figures = run_eval(args.run_dir, args.batch_size, parse_n(args.eval_n))
     slim = {k: raw[k] for k in KEEP if k in raw}
     slim["ffl"] = {**slim["ffl"], "train": {k: v for k, v in slim["ffl"]["train"].items() if k != "history"}}
     dest = ZOO_DIR / f"{args.name}.pt"
@@ -98,18 +111,30 @@ def add(args: argparse.Namespace) -> None:
         "wall_time_s": round(float(train["wall_time_s"]), 1),
         "train_config": raw["config"],
         "commands": args.command or [train["command"]],
-        "eval_command": f"ffinterp eval pretrained:{args.name} --seq-len {seq_len} --json",
+        "eval_command": (
+            f"ffinterp eval pretrained:{args.name} --seq-len {seq_len} --json"
+            if not args.eval_n
+            else f'python -c "from ffinterp.evaluate import evaluate; print(evaluate('
+            f"'pretrained:{args.name}', n={parse_n(args.eval_n)}, seq_len={seq_len}).table())\""
+        ),
         "eval": figures["eval"],
         "eval_seconds": figures["eval_seconds"],
     }
     if args.init_from:
         entry["init_from"] = args.init_from
     if args.seed_run:
-        replicates = [figures] + [run_eval(d, args.batch_size) for d in args.seed_run]
+        # Every replicate, the shipped run included, on the same sets (the first --seed-n
+        # sequences of each, or all of them), so the spread compares like with like.
+        n = parse_n(args.seed_n)
+        shipped = run_eval(args.run_dir, args.batch_size, n)
+        replicates = [shipped] + [run_eval(d, args.batch_size, n) for d in args.seed_run]
         entry["seeds"] = [
-            {k: r[k] for k in ("seed", "steps", "command", "eval")} | {"shipped": r is figures}
+            {k: r.get(k, "full") for k in ("seed", "steps", "command", "sequences_per_set", "eval")}
+            | {"shipped": r is shipped}
             for r in sorted(replicates, key=lambda r: r["seed"])
         ]
+        if args.seed_note:
+            entry["seeds_note"] = args.seed_note
     index = json.loads(INDEX_PATH.read_text())
     index["models"] = [m for m in index["models"] if m["name"] != args.name] + [entry]
     tmp = INDEX_PATH.with_suffix(".json.tmp")
@@ -133,19 +158,27 @@ def main() -> None:
     sub = ap.add_subparsers(dest="what", required=True)
     ev = sub.add_parser("eval", help="Measure (and cache) runs' standard-set figures.")
     ev.add_argument("run_dirs", type=Path, nargs="+")
+    ev.add_argument("--eval-n", default="", help="in,sparse,dense sequences ('': each set's full size).")
     ad = sub.add_parser("add", help="Ship a run in the zoo.")
     ad.add_argument("name")
     ad.add_argument("run_dir", type=Path)
+    ad.add_argument("--eval-n", default="", help="in,sparse,dense sequences ('': each set's full size).")
     ad.add_argument("--description", required=True)
     ad.add_argument("--command", action="append", default=[], help="Training command(s), in order.")
     ad.add_argument(
         "--seed-run", type=Path, action="append", default=[], help="A replicate with another seed."
     )
     ad.add_argument("--init-from", default="", help="The zoo model this one was fine-tuned from.")
+    ad.add_argument(
+        "--seed-n", default="", help="in,sparse,dense sequences for the seed replicates ('': all)."
+    )
+    ad.add_argument(
+        "--seed-note", default="", help="How the replicates differ from the shipped run, if at all."
+    )
     args = ap.parse_args()
     if args.what == "eval":
         for d in args.run_dirs:
-            run_eval(d, args.batch_size)
+            run_eval(d, args.batch_size, parse_n(args.eval_n))
     else:
         add(args)
 
