@@ -264,3 +264,18 @@ def test_two_processes_on_one_out(ckpt, tmp_path, capsys):
     lines = second.stderr.strip().splitlines()
     assert second.returncode == 2 and len(lines) == 1 and "another find-glitches run" in lines[0], lines
     read_jsonl(out / "glitches.jsonl")  # whole lines, from one writer
+
+
+def test_a_failed_json_or_report_write_leaves_no_temp_file(small_disk):
+    """``write_json_atomic`` (summaries, reports) on a full disk: the error propagates, the old
+    file is untouched, and no ``.tmp`` file is left behind."""
+    from ffinterp.analysis.report import write_json_atomic
+
+    mnt, _ = small_disk
+    target = mnt / "summary.json"
+    write_json_atomic(target, {"old": True})
+    fill(mnt, 0)
+    with pytest.raises(OSError):
+        write_json_atomic(target, {"big": "x" * 200_000})
+    assert json.loads(target.read_text()) == {"old": True}
+    assert no_temp_files(mnt) == []
