@@ -13,6 +13,10 @@ Sections (``--sections``, comma-separated; all by default):
 ``tails``
     The sparse-set tail (FFL(0.98)) of every shipped transformer by importance sampling,
     with the standard-set bound from its index entry beside it.
+``agree``
+    Importance sampling against plain sampling on shipped glitchy models (FFL(0.98) for
+    ``glitchy-512``, FFL(0.1) for ``glitchy-128``), 10,000 sequences each: do the intervals
+    overlap?
 ``adversary``
     On the circuit: the best FFL(p_i) of a grid (plain sampling, 2,000 sequences per point)
     against the distribution adversary (64 sequences per candidate, hard + soft objective)
@@ -135,6 +139,23 @@ def tails(budget: int) -> list[dict]:
     return rows
 
 
+def agree(budget: int) -> list[dict]:
+    rows = []
+    for name, p_i in (("glitchy-512", 0.98), ("glitchy-128", 0.1)):
+        spec = f"pretrained:{name}"
+        kw = dict(budget=budget, seed=0, device="cpu", progress=False, batch_size=256)
+        mc = estimate(spec, FFL.from_p_i(p_i), method="mc", **kw)
+        is_ = estimate(spec, FFL.from_p_i(p_i), **kw)
+        overlap = is_.reliable and max(mc.ci_low, is_.ci_low) <= min(mc.ci_high, is_.ci_high)
+        rows.append({"model": name, "p_i": p_i, "mc": mc.to_dict(), "is": is_.to_dict(), "overlap": overlap})
+        print(
+            f"  {name} FFL({p_i}): MC {mc.estimate:.3e} [{mc.ci_low:.3e}, {mc.ci_high:.3e}]; "
+            f"IS {is_.estimate:.3e} [{is_.ci_low:.3e}, {is_.ci_high:.3e}] -> "
+            + ("intervals overlap" if overlap else "DISAGREE")
+        )
+    return rows
+
+
 def adversary(seeds: int) -> dict:
     model = build_circuit(SHARPNESS, block_size=T_CIRCUIT)
     kw = dict(seq_len=T_CIRCUIT, device="cpu", progress=False, batch_size=1024)
@@ -245,7 +266,7 @@ def plot(budget: int, out: Path) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sections", default="is-vs-mc,tails,adversary,plot")
+    ap.add_argument("--sections", default="is-vs-mc,agree,tails,adversary,plot")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument(
         "--budget", type=int, default=10_000, help="Sequences per IS estimate of a shipped model."
@@ -263,6 +284,8 @@ def main() -> None:
             result[section] = is_vs_mc(args.seeds)
         elif section == "tails":
             result[section] = tails(args.budget)
+        elif section == "agree":
+            result[section] = agree(args.budget)
         elif section == "adversary":
             result[section] = adversary(args.seeds)
         elif section == "plot":

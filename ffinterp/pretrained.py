@@ -17,7 +17,7 @@ from ffinterp.errors import FFInterpError
 PREFIX = "pretrained:"
 ZOO_DIR = Path(__file__).resolve().parent / "pretrained"
 INDEX_PATH = ZOO_DIR / "index.json"
-DEFAULT_MODEL = "mitigated-128"  # what `ffinterp find-glitches` breaks when given no checkpoint
+DEFAULT_MODEL = "mixture-512"  # what `ffinterp find-glitches` breaks when given no checkpoint
 
 
 def index() -> list[dict]:
