@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -19,10 +20,31 @@ NAMES = [m["name"] for m in MODELS]
 SUBSET = {"in": 200, "sparse": 1000, "dense": 40}
 
 
-def test_zoo_has_the_fast_test_models_and_the_t512_lstm():
-    assert {"glitchy-128", "mitigated-128", "lstm-128", "lstm-512"} <= set(NAMES)
-    assert pretrained.entry("lstm-512")["seq_len"] == 512
-    assert pretrained.DEFAULT_MODEL in NAMES
+#: The paper's regime: every model at T=512.
+PAPER_ZOO = {"glitchy-512", "dropout-512", "sharpen-512", "mixture-512", "lstm-512"}
+
+
+def test_zoo_has_the_paper_zoo_and_the_fast_test_models():
+    assert PAPER_ZOO | {"glitchy-128", "mitigated-128", "lstm-128"} <= set(NAMES)
+    for name in PAPER_ZOO:
+        assert pretrained.entry(name)["seq_len"] == 512, name
+    assert pretrained.DEFAULT_MODEL in PAPER_ZOO - {"glitchy-512", "lstm-512"}  # a mitigated T=512 model
+
+
+def test_the_baseline_records_its_seed_replicates():
+    """The paper stresses seed spread: glitchy-512's entry holds >= 3 seeds of its recipe,
+    each with its command and its figures on the same sets, one of them the shipped run."""
+    seeds = pretrained.entry("glitchy-512")["seeds"]
+    assert len({s["seed"] for s in seeds}) >= 3 and sum(s["shipped"] for s in seeds) == 1
+    for s in seeds:
+        assert s["command"].startswith("ffinterp train") and set(s["eval"]) == {"in", "sparse", "dense"}
+    assert len({json.dumps(s["sequences_per_set"]) for s in seeds}) == 1
+
+
+def test_the_mitigations_are_fine_tunes_of_the_baseline():
+    for name in ("dropout-512", "sharpen-512", "mixture-512"):
+        e = pretrained.entry(name)
+        assert e.get("init_from") == "glitchy-512" and "--init-from" in e["commands"][-1], name
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -45,6 +67,14 @@ def test_index_figures_reproduce_on_a_subset(name):
         p = e["eval"][s.name]["error_rate"]
         tolerance = 4 * math.sqrt(max(p * (1 - p), 1e-12) / s.reads) + 1 / s.reads
         assert abs(s.error_rate - p) <= tolerance, (s.name, s.errors, s.reads, p)
+
+
+def test_the_t512_transformer_errs_on_a_fixed_sparse_sample():
+    """R1 on one fixed sample: the first 500 sequences of the sparse set at T=512, where the
+    same model errs on only 0.13% of in-distribution reads."""
+    model = load_checkpoint("pretrained:glitchy-512").model
+    result = evaluate(model, "sparse", n=500, progress=False, device="cpu", batch_size=250)["sparse"]
+    assert result.errors > 0.01 * result.reads and result.reads > 1000
 
 
 def test_the_t512_lstm_makes_no_error_on_a_fixed_sparse_sample():
