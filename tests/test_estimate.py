@@ -293,3 +293,17 @@ def test_importance_sampling_agrees_with_plain_sampling_on_a_shipped_glitchy_mod
     assert max(mc.ci_low, is_.ci_low) <= min(mc.ci_high, is_.ci_high)
     assert mc.ci_low <= is_.estimate <= mc.ci_high
     assert max(mc.per_read_ci_low, is_.per_read_ci_low) <= min(mc.per_read_ci_high, is_.per_read_ci_high)
+
+
+def test_cli_bad_journal_is_one_line(tmp_path, capsys):
+    ckpt = tmp_path / "circuit.pt"
+    save_circuit(ckpt, 8.0, block_size=T)
+    for bad, needle in (
+        (tmp_path, "not an estimate journal"),
+        (tmp_path / "no" / "such" / "j", "cannot write"),
+    ):
+        code, out, err = run_cli(
+            capsys, "estimate", str(ckpt), "--budget", "600", "--journal", str(bad), "--no-progress"
+        )
+        assert code == 2 and needle in err and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1

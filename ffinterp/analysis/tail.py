@@ -212,6 +212,8 @@ class Journal:
         self.fingerprint = json.dumps(fingerprint, sort_keys=True)
         self.dist = dist
         self.chunks: dict[str, Tensor] = {}
+        if self.path is not None and not self.path.parent.is_dir():
+            raise FFInterpError(f"{self.path}: cannot write the journal (no folder {self.path.parent})")
         if self.path is not None and self.path.exists():
             try:
                 saved = torch.load(self.path, map_location="cpu", weights_only=True)
@@ -240,9 +242,10 @@ class Journal:
         try:
             torch.save({"fingerprint": self.fingerprint, "chunks": self.chunks}, tmp)
             os.replace(tmp, self.path)
-        except OSError as e:
+        except (OSError, RuntimeError) as e:  # torch reports some I/O failures as RuntimeError
             tmp.unlink(missing_ok=True)
-            raise FFInterpError(f"{self.path}: cannot write the journal ({e.strerror or e})") from None
+            why = getattr(e, "strerror", None) or str(e).splitlines()[0]
+            raise FFInterpError(f"{self.path}: cannot write the journal ({why})") from None
 
 
 def _score_shared(
