@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -103,13 +102,15 @@ def is_vs_mc(seeds: int) -> list[dict]:
     return rows
 
 
-def tails(budget: int) -> list[dict]:
+def shipped_transformers(names: list[str]) -> list[dict]:
     from ffinterp.pretrained import index
 
+    return [e for e in index() if e.get("arch") != "lstm" and (not names or e["name"] in names)]
+
+
+def tails(budget: int, names: list[str]) -> list[dict]:
     rows = []
-    for e in index():
-        if e.get("arch") == "lstm":
-            continue
+    for e in shipped_transformers(names):
         t = e["seq_len"]
         t0 = time.perf_counter()
         r = estimate(
@@ -205,15 +206,16 @@ def adversary(seeds: int) -> dict:
 P_IS = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99)
 
 
-def plot(budget: int, out: Path) -> list[dict]:
+def plot(budget: int, out: Path, names: list[str]) -> list[dict]:
+    """Points whose interval the estimator withholds are left out (a gap in the line), never
+    drawn as 0."""
     import plotly.graph_objects as go
 
-    from ffinterp.pretrained import index
     from ffinterp.viz import save_figure
 
     rows, fig = [], go.Figure()
     palette = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf"]
-    for k, e in enumerate(i for i in index() if i.get("arch") != "lstm"):
+    for k, e in enumerate(shipped_transformers(names)):
         xs, ys, lo, hi = [], [], [], []
         for p in P_IS:
             r = estimate(
@@ -231,10 +233,11 @@ def plot(budget: int, out: Path) -> list[dict]:
                     **{k2: v for k2, v in r.to_dict().items() if k2 not in ("target", "proposal")},
                 }
             )
-            xs.append(p)
-            ys.append(r.per_read)
-            lo.append(r.per_read_ci_low if r.reliable else r.per_read)
-            hi.append(r.per_read_ci_high if r.reliable else r.per_read)
+            if r.reliable:
+                xs.append(p)
+                ys.append(r.per_read)
+                lo.append(r.per_read_ci_low)
+                hi.append(r.per_read_ci_high)
             print(
                 f"  {e['name']:<14} FFL({p}): per-read {r.per_read:.2e}"
                 + ("" if r.reliable else " (no interval)")
@@ -274,6 +277,10 @@ def main() -> None:
     ap.add_argument("--plot-budget", type=int, default=4_000)
     ap.add_argument("--out", type=Path, default=Path("docs"))
     ap.add_argument("--json", type=Path, default=None, help="Also write the figures here.")
+    ap.add_argument("--models", default="", help="Shipped transformers for tails (default: all).")
+    ap.add_argument(
+        "--plot-models", default="glitchy-512,dropout-512,sharpen-512,mixture-512", help="Models in the plot."
+    )
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     result: dict = {}
@@ -283,26 +290,19 @@ def main() -> None:
         if section == "is-vs-mc":
             result[section] = is_vs_mc(args.seeds)
         elif section == "tails":
-            result[section] = tails(args.budget)
+            result[section] = tails(args.budget, [m for m in args.models.split(",") if m])
         elif section == "agree":
             result[section] = agree(args.budget)
         elif section == "adversary":
             result[section] = adversary(args.seeds)
         elif section == "plot":
-            result[section] = plot(args.plot_budget, args.out)
+            result[section] = plot(args.plot_budget, args.out, [m for m in args.plot_models.split(",") if m])
         else:
             raise SystemExit(f"unknown section {section!r}")
         print(f"   ({time.perf_counter() - t0:.0f} s)")
-    if args.json:
-        old = json.loads(args.json.read_text()) if args.json.exists() else {}
-        args.json.write_text(
-            json.dumps(
-                {**old, **result},
-                indent=1,
-                default=lambda x: None if isinstance(x, float) and math.isnan(x) else x,
-            )
-            + "\n"
-        )
+        if args.json:  # after every section, so a later one that fails loses nothing
+            old = json.loads(args.json.read_text()) if args.json.exists() else {}
+            args.json.write_text(json.dumps({**old, **result}, indent=1, default=str) + "\n")
 
 
 if __name__ == "__main__":
