@@ -22,6 +22,7 @@ failure is one :class:`CheckpointError` line saying what was expected.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import pickle
@@ -79,6 +80,15 @@ class Loaded:
         else:
             shape = f"GPT {c.n_layer} layers, d {c.n_embd}, {c.n_head} heads, {c.pos_embedding} positions"
         return f"{shape} ({self.source})"
+
+
+def model_digest(model: nn.Module) -> str:
+    """sha256 of a model's weights (names and bytes): what resume fingerprints compare."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def model_record(model: nn.Module) -> tuple[str, dict]:

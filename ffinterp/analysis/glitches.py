@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -50,6 +49,7 @@ from ffinterp.analysis.search import (
     read_features,
     resolve_strategies,
 )
+from ffinterp.checkpoints import model_digest
 from ffinterp.errors import FFInterpError
 from ffinterp.language import VOCAB, from_text, reads, to_text
 from ffinterp.scoring import score_tokens
@@ -63,14 +63,6 @@ DECOY_EDGES = [0, 1, 2, 3, 5, 9, 17, 33, 65, 129]  # decoy bins [0,1), [1,2), [2
 
 def _bins(values: torch.Tensor, edges: list[int]) -> torch.Tensor:
     return (torch.bucketize(values, torch.tensor(edges), right=True) - 1).clamp(min=0)
-
-
-def _model_digest(model: nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def as_ffl_model(model, device: str | torch.device = "auto"):
@@ -154,7 +146,7 @@ class GlitchFinder:
         self.budgets = [budget // n + (1 if k < budget % n else 0) for k in range(n)]
         fingerprint = {
             "version": STATE_VERSION,
-            "model": _model_digest(self.fast),
+            "model": model_digest(self.fast),
             "strategies": [s.params() for s in self.strategies],
             "budget": budget,
             "seed": seed,

@@ -51,7 +51,6 @@ on reads, as in :func:`ffinterp.evaluate.evaluate`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -67,6 +66,7 @@ from torch import Tensor, nn
 from ffinterp import distributed
 from ffinterp.analysis.families import Family, Markov, Mixture, Piecewise, interpolate
 from ffinterp.analysis.search import derive_seed
+from ffinterp.checkpoints import model_digest
 from ffinterp.device import resolve_device
 from ffinterp.errors import FFInterpError
 from ffinterp.evaluate import _as_model, clopper_pearson
@@ -187,14 +187,6 @@ class TailEstimate:
 
 
 # ---------------------------------------------------------------- sharding and resume
-
-
-def _digest(model: nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 class Journal:
@@ -381,7 +373,7 @@ def estimate(
         chains=chains, broaden=broaden, proposal=str(proposal), segments=segments, elite=elite,
         smoothing=smoothing, defensive=defensive,
     )  # fmt: skip
-    book = Journal(journal, {"model": _digest(fast), **settings}, dist) if journal is not None else None
+    book = Journal(journal, {"model": model_digest(fast), **settings}, dist) if journal is not None else None
     book = book or Journal(None, {}, dist)
     param = next(fast.parameters(), None)
     home = param.device if param is not None else torch.device("cpu")
