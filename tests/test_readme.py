@@ -23,7 +23,7 @@ def test_readme_has_the_library_example_and_the_strategy_example() -> None:
 @pytest.mark.slow
 def test_library_example_runs(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    code = python_blocks()[0].replace("budget=5000", "budget=1000")
+    code = python_blocks()[0].replace("budget=5000", "budget=1000").replace("n=64)", "n=16)")
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
     report = scope["report"]
