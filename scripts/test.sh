@@ -12,7 +12,7 @@ bash scripts/setup.sh
 .venv/bin/ruff check ffinterp tests benchmarks
 # Notebooks run too (through nbmake) once any are committed.
 notebooks=()
-if compgen -G "notebooks/*.ipynb" >/dev/null; then notebooks=(--nbmake notebooks); fi
+if compgen -G "notebooks/*.ipynb" >/dev/null; then notebooks=(--nbmake --nbmake-timeout=900 notebooks); fi  # a cell may take minutes beside busy workers
 .venv/bin/python -m pytest -n 2 tests "${notebooks[@]}" "$@"
 
 echo "test.sh: TransformerLens 3.x environment (.venv-tl3, $TL3)" >&2
