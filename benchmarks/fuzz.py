@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import fuzzing  # noqa: E402
 import torch  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 
@@ -30,13 +30,7 @@ def run_suite(suite: str, base: dict, tmp: Path, examples: int, skip_known: bool
     counts = collections.Counter()
     breaks: list[str] = []
 
-    @settings(
-        max_examples=examples,
-        derandomize=True,
-        database=None,
-        deadline=None,
-        suppress_health_check=list(HealthCheck),
-    )
+    @fuzzing.fuzz_settings(examples)
     @given(data=st.data())
     def fuzz(data):
         case = data.draw(fuzzing.cases(suite, base, tmp, skip_known))

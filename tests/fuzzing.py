@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 T = 32  # sequence length of every generated model and file: tiny, so a run that is accepted stays cheap
@@ -48,6 +49,18 @@ class Case:
     needles: tuple[str, ...] = ()  # one of them must appear in the error line (the "where")
     out: Path | None = None  # an --out that must hold nothing half-written after a refusal
     cwd: Path | None = None
+
+
+def fuzz_settings(examples: int) -> settings:
+    """Reproducible runs of ``examples`` cases: fixed seed, no example database, no deadline
+    (a case may start a model), no health checks (inputs are large by design)."""
+    return settings(
+        max_examples=examples,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+    )
 
 
 def run_cli(argv: list[str]) -> Outcome:

@@ -11,7 +11,7 @@ import sys
 import fuzzing
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 # Few derandomized examples per suite: the whole file stays well under 90 s on one thread.
@@ -48,13 +48,7 @@ def tmp(tmp_path_factory):
 def test_bad_input_is_refused_in_one_line(suite, base, tmp):
     assert set(EXAMPLES) == set(fuzzing.SUITES)
 
-    @settings(
-        max_examples=EXAMPLES[suite],
-        derandomize=True,
-        database=None,
-        deadline=None,
-        suppress_health_check=list(HealthCheck),
-    )
+    @fuzzing.fuzz_settings(EXAMPLES[suite])
     @given(data=st.data())
     def fuzz(data):
         case = data.draw(fuzzing.cases(suite, base, tmp / suite.replace(" ", "_")))
