@@ -708,7 +708,13 @@ def interpolate(old: Family, new: Family, alpha: float) -> Family:
             return None
         return (1 - alpha) * float(a) + alpha * float(b)
 
-    fields = {name: mix(getattr(old, name), getattr(new, name)) for name in old.__dataclass_fields__}
+    fixed = getattr(old, "STRUCTURE", ())  # fields that say what the family is, not parameters
+    if any(getattr(old, name) != getattr(new, name) for name in fixed):
+        raise FFInterpError("interpolate: families have different structures")
+    fields = {
+        name: getattr(old, name) if name in fixed else mix(getattr(old, name), getattr(new, name))
+        for name in old.__dataclass_fields__
+    }
     return type(old)(**fields)
 
 

@@ -20,6 +20,12 @@ The final proposal is the defensive mixture
 ``halfway`` the adapted family interpolated half-way back to its start), so ``w <= 1/d = 10``
 whatever the adaptation did, and error regions the adaptation under-weights keep some mass.
 
+A model with no error on the sparse set needs more than a smooth family: its errors sit in
+rare local patterns that no smooth family makes likely without making everything dense.
+:mod:`ffinterp.analysis.patterns` builds a mixture of :class:`~ffinterp.analysis.planted.Planted`
+glitch patterns from a glitch search (shrunk, mirrored, with jittered gaps) to start from;
+the cross-entropy rounds then adapt the mixture's weights (``ffinterp estimate --plant``).
+
 The estimate then comes from a *fresh* sample of the frozen proposal: pilot sequences are
 counted in ``scored`` but never in the estimate, so it is the plain unbiased mean of
 ``w * 1[error]``. Self-normalised IS (dividing by the mean weight) would be biased and is
@@ -65,6 +71,7 @@ from torch import Tensor, nn
 
 from ffinterp import distributed
 from ffinterp.analysis.families import Family, Markov, Mixture, Piecewise, interpolate
+from ffinterp.analysis.planted import Planted
 from ffinterp.analysis.search import derive_seed
 from ffinterp.checkpoints import model_digest
 from ffinterp.device import resolve_device
@@ -179,7 +186,10 @@ class TailEstimate:
             f"ESS {self.ess:.1f}, {self.seconds:.1f} s"
         )
         if self.proposal != self.target:
-            out.append(f"proposal {self.proposal}")
+            text = self.proposal
+            if len(text) > 400:
+                text = text[:400] + " ... (all of it in --json)"
+            out.append(f"proposal {text}")
         return out
 
     def __str__(self) -> str:
@@ -270,6 +280,14 @@ def _kish(x: Tensor) -> float:
 
 
 PROPOSALS = ("markov", "piecewise")
+
+
+def _describe(family: Family) -> str:
+    """The proposal family in a few words, for the method line."""
+    parts = family.components if isinstance(family, Mixture) else (family,)
+    if all(isinstance(p, Planted) for p in parts):
+        return f"the weights of {len(parts)} planted glitch pattern(s)"
+    return type(family).__name__
 
 
 def _init_proposal(target: Family, proposal: str | Family, seq_len: int, segments: int, seed: int) -> Family:
@@ -489,7 +507,7 @@ def estimate(
         est, max(0.0, est - half), est + half, per_read, max(0.0, per_read - rhalf), per_read + rhalf,
         scored, n, hits, ess,
         f"is ({chains} cross-entropy chain(s) x {rounds} pilot rounds adapting "
-        f"{type(adapted_all[0]).__name__}, defensive mixture {defensive:g}; unbiased mean of "
+        f"{_describe(adapted_all[0])}, defensive mixture {defensive:g}; unbiased mean of "
         "w*1[error], normal interval)",
         not reasons, "; ".join(reasons) or None, str(target), str(g), t, confidence,
         time.perf_counter() - start,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import typer
 
 from ffinterp.cli import app, fail
+from ffinterp.device import resolve_device
 
 
 @app.command("estimate")
@@ -39,11 +41,25 @@ def estimate_command(
     journal: str = typer.Option(
         None, "--journal", help="Record scored chunks in this file; rerun with it to resume a killed run."
     ),
+    plant: str = typer.Option(
+        None,
+        "--plant",
+        help="Start the proposal from these glitches (a find-glitches folder or its glitches.jsonl): "
+        "for models with no errors on the sparse set.",
+    ),
+    shrink_top: int = typer.Option(
+        5, "--shrink", help="With --plant: shrink the N smallest patterns (0: keep them as found)."
+    ),
 ) -> None:
     """P[a sequence has a read error] under FFL(p_i), by importance sampling (or plain sampling).
 
     With --maximize, search instead for the piecewise FFL distribution (started at FFL(p_i))
     with the highest read-error rate, and re-measure it on --confirm fresh sequences.
+
+    With --plant, the importance-sampling proposal starts from the glitches of a
+    find-glitches run (each a pattern of a few writes and reads, planted at random places
+    in target sequences). A model with no errors on the sparse set needs this: no smooth
+    family reaches its rare error patterns.
 
     An interval the weights cannot support is never printed: the point estimate comes with
     an "interval not reliable" line instead (and null bounds plus a warning in --json).
@@ -80,8 +96,34 @@ def estimate_command(
         )  # fmt: skip
         typer.echo(json.dumps(found.to_dict(), indent=2) if as_json else str(found))
         return
+    model, proposal, extra = ckpt, "markov", 0
+    if plant is not None:
+        if method != "is":
+            fail("--plant shapes the importance-sampling proposal: use it with --method is")
+        if shrink_top < 0:
+            fail(f"--shrink must be >= 0, got {shrink_top}")
+        from ffinterp.analysis.patterns import glitch_proposal, read_glitches
+        from ffinterp.evaluate import _as_model
+
+        glitches = read_glitches(plant)
+        model, _ = _as_model(ckpt)
+        try:
+            dev = dist.device if dist.active else resolve_device(device)
+        except RuntimeError as e:
+            fail(f"--device {device!r}: {str(e).splitlines()[0]}")
+        block = getattr(getattr(model, "cfg", None), "block_size", None)
+        t = seq_len if seq_len is not None else (block or 512)
+        if block is not None and t > block:
+            fail(f"--seq-len {t} exceeds the model's block_size {block}")
+        was = next(model.parameters()).device
+        model.to(dev).eval()
+        built = glitch_proposal(model, FFL.from_p_i(p_i), glitches, t, top=shrink_top, seed=seed, device=dev)
+        model.to(was)
+        if progress and dist.is_main:
+            typer.echo(built.summary(), err=True)
+        proposal, extra = built.family, built.scored
     result = estimate(
-        ckpt,
+        model,
         FFL.from_p_i(p_i),
         budget=budget,
         seed=seed,
@@ -92,6 +134,8 @@ def estimate_command(
         progress=progress,
         journal=journal,
         dist=dist,
+        proposal=proposal,
     )
+    result = replace(result, scored=result.scored + extra)
     if dist.is_main:
         typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else str(result))
