@@ -19,7 +19,7 @@ from ffinterp.analysis.planted import Planted
 from ffinterp.analysis.tail import estimate, score_rows
 from ffinterp.errors import FFInterpError
 from ffinterp.evaluate import _as_model
-from ffinterp.language import ONE, ZERO, R, W, to_text, validate_batch
+from ffinterp.language import ONE, ZERO, I, R, W, to_text, validate_batch
 from ffinterp.models.constructed import build_circuit, decoy_sequence, predicted_error, save_circuit
 from ffinterp.pretrained import entry
 
@@ -32,6 +32,7 @@ PATTERNS = {
     "spaced": (((W, 0), (R, 0)), ((2, 3),)),
     "read-first": (((R, 0), (W, 1)), ((1, 2),)),
     "one-write": (((W, 1),), ()),
+    "ignore-run": (((W, 1), (I, 0), (I, 0), (R, 0)), ((1, 1), (1, 1), (1, 2))),
 }
 
 
@@ -62,7 +63,7 @@ def _story_probs(planted: Planted, seq_len: int) -> dict[tuple, float]:
             x = list(row)
             for j, (a, b) in zip(slots, planted.pattern):
                 x[2 * j] = a
-                if a == W:
+                if a != R:
                     x[2 * j + 1] = ONE if b else ZERO
             last = None
             for j in range(pairs):
@@ -108,9 +109,20 @@ def test_from_glitch_keeps_the_active_slots_and_jitters_the_gaps():
     assert far.pattern == ((W, 0), (W, 1), (R, 0)) and far.gaps == ((1, 1), (1, 1))
     assert jittered(far).gaps == ((1, 1), (1, 1))
     assert jittered(Planted(target, far.pattern, ((3, 3), (2, 2)), 64)).gaps == ((1, 5), (1, 3))
-    # Mirrors: every write bit flipped, the duplicates dropped.
-    found = from_glitches(target, ["w1i0i0i0w0w1r1", "w1i0i0i0w0w1r1", "w0i0i0i0w1w0r0"], 64)
-    assert {p.pattern for p in found} == {((W, 0), (W, 1), (R, 0)), ((W, 1), (W, 0), (R, 0))}
+    # The whole window with its ignore bits, exactly spaced.
+    window = Planted.from_glitch(target, "w1i1w1i0i0r1", 64, ignores=True)
+    assert window.pattern == ((W, 1), (I, 1), (W, 1), (I, 0), (I, 0), (R, 0)) and window.gaps == ((1, 1),) * 5
+    assert str(window).startswith("Planted([w1 i1 w1 i0 i0 r]")
+    # Mirrors: every bit flipped, the duplicates dropped (here the window is the actives).
+    found = from_glitches(target, ["w1i0i0i0w0w1r1", "w1i0i0i0w0w1r1", "w0i1i1i1w1w0r0"], 64)
+    assert sorted(p.pattern for p in found) == [((W, 0), (W, 1), (R, 0)), ((W, 1), (W, 0), (R, 0))]
+    spaced = from_glitches(target, ["w1i1w1i0i0r1"], 64)
+    assert {p.pattern for p in spaced} == {
+        ((W, 1), (W, 1), (R, 0)),
+        ((W, 0), (W, 0), (R, 0)),
+        ((W, 1), (I, 1), (W, 1), (I, 0), (I, 0), (R, 0)),
+        ((W, 0), (I, 0), (W, 0), (I, 1), (I, 1), (R, 0)),
+    }
     with pytest.raises(FFInterpError, match="no write or read"):
         Planted.from_glitch(target, "w1i0i0i0", 64)
     with pytest.raises(FFInterpError, match="does not fit"):

@@ -23,7 +23,7 @@ from ffinterp.analysis.families import Family, Mixture
 from ffinterp.analysis.planted import Planted
 from ffinterp.analysis.tail import score_rows
 from ffinterp.errors import FFInterpError
-from ffinterp.language import W
+from ffinterp.language import R
 
 
 def read_glitches(path: str | os.PathLike) -> list[str]:
@@ -52,19 +52,20 @@ def read_glitches(path: str | os.PathLike) -> list[str]:
 
 
 def from_glitches(target: Family, glitches: list[str], seq_len: int) -> list[Planted]:
-    """One :class:`Planted` per distinct pattern of active instructions among ``glitches``,
-    at the glitch's exact spacing, and its mirror image (every write bit flipped): the
-    language and FFL targets are symmetric in the two bits, so a model that fails on one
-    often fails on the other."""
+    """Two :class:`Planted` per glitch, at its exact spacing: its writes and reads alone, and
+    its whole window with the ignore bits (:meth:`Planted.from_glitch`); and the mirror image
+    of each (every bit flipped): the language and FFL targets are symmetric in the two bits,
+    so a model that fails on one often fails on the other. Duplicates are dropped."""
     out: dict[tuple, Planted] = {}
     for k, text in enumerate(glitches):
-        try:
-            planted = Planted.from_glitch(target, text, seq_len, jitter=False)
-        except FFInterpError as e:
-            raise FFInterpError(f"glitch {k}: {e}") from None
-        mirror = replace(planted, pattern=tuple((a, 1 - b if a == W else b) for a, b in planted.pattern))
-        out.setdefault(planted.key, planted)
-        out.setdefault(mirror.key, mirror)
+        for ignores in (False, True):
+            try:
+                planted = Planted.from_glitch(target, text, seq_len, jitter=False, ignores=ignores)
+            except FFInterpError as e:
+                raise FFInterpError(f"glitch {k}: {e}") from None
+            mirror = replace(planted, pattern=tuple((a, b if a == R else 1 - b) for a, b in planted.pattern))
+            out.setdefault(planted.key, planted)
+            out.setdefault(mirror.key, mirror)
     return list(out.values())
 
 

@@ -46,7 +46,7 @@ from torch import Tensor
 
 from ffinterp.analysis.families import _EPS, Family, _SlotFamily, _split
 from ffinterp.errors import FFInterpError
-from ffinterp.language import ONE, ZERO, R, W, from_text
+from ffinterp.language import ONE, ZERO, I, R, W, from_text
 
 JOIN_FIRST = 2  # the first write joins a pattern when the next active slot is at most this far
 
@@ -81,8 +81,8 @@ def _independent_slots(target: Family, pairs: int) -> tuple[np.ndarray, np.ndarr
 class Planted(Family):
     """``target`` with ``pattern`` written in at a uniform start slot, with jittered gaps.
 
-    ``pattern`` is ``((instruction, bit), ...)``: instruction ids W or R, and the bit (0/1)
-    of each write (ignored for reads, whose bit is the last write's). ``gaps[k] = (lo, hi)``
+    ``pattern`` is ``((instruction, bit), ...)``: instruction ids W, R or I, and the bit
+    (0/1) of each write and ignore (not used for reads, whose bit is the last write's). ``gaps[k] = (lo, hi)``
     is the range of the gap, in slots, from active instruction ``k`` to ``k + 1`` (uniform;
     1 means adjacent, ``lo == hi`` an exact spacing). A start and gaps that run past the
     sequence, put a read on the first slot or a write on the last are redrawn.
@@ -100,8 +100,8 @@ class Planted(Family):
         object.__setattr__(self, "gaps", tuple((int(lo), int(hi)) for lo, hi in self.gaps))
         if self.seq_len < 4 or self.seq_len % 2:
             raise FFInterpError(f"Planted: seq_len must be an even number >= 4, got {self.seq_len}")
-        if not self.pattern or any(a not in (W, R) or b not in (0, 1) for a, b in self.pattern):
-            raise FFInterpError("Planted: the pattern must be writes and reads with bits 0/1")
+        if not self.pattern or any(a not in (W, R, I) or b not in (0, 1) for a, b in self.pattern):
+            raise FFInterpError("Planted: the pattern must be writes, reads and ignores with bits 0/1")
         if len(self.gaps) != len(self.pattern) - 1 or any(not 1 <= lo <= hi for lo, hi in self.gaps):
             raise FFInterpError(
                 f"Planted: need {len(self.pattern) - 1} gap ranges 1 <= lo <= hi, got {self.gaps}"
@@ -114,7 +114,13 @@ class Planted(Family):
 
     @classmethod
     def from_glitch(
-        cls, target: Family, glitch: str | Int[Tensor, " seq"], seq_len: int, *, jitter: bool = True
+        cls,
+        target: Family,
+        glitch: str | Int[Tensor, " seq"],
+        seq_len: int,
+        *,
+        jitter: bool = True,
+        ignores: bool = False,
     ) -> Planted:
         """The active instructions of a (minimal) glitch, with gaps jittered around its own.
 
@@ -124,6 +130,11 @@ class Planted(Family):
         rest is there because every sequence starts with one. A gap of ``d`` slots in the
         glitch may be anything from 1 to ``2d - 1`` (mean ``d``; adjacent stays adjacent), or
         exactly ``d`` without ``jitter``.
+
+        With ``ignores`` the pattern is the whole window instead, from its first active slot
+        to the end, ignore bits included: some models fail only when a run of ignores
+        carries one bit (``mitigated-128`` after a long gap), which no pattern of writes and
+        reads alone can reproduce.
         """
         tokens = from_text(glitch) if isinstance(glitch, str) else torch.as_tensor(glitch)
         if tokens.ndim != 1 or len(tokens) < 4 or len(tokens) % 2:
@@ -134,8 +145,13 @@ class Planted(Family):
             raise FFInterpError("Planted.from_glitch: the glitch has no write or read after its first slot")
         if active[0] <= JOIN_FIRST:
             active = [0, *active]
-        pattern = tuple((instr[j], bits[j] if instr[j] == W else 0) for j in active)
-        gaps = tuple((1, 2 * (b - a) - 1) if jitter else (b - a, b - a) for a, b in zip(active, active[1:]))
+        if ignores:
+            active = list(range(active[0], len(instr)))
+        pattern = tuple((instr[j], 0 if instr[j] == R else bits[j]) for j in active)
+        gaps = tuple(
+            (1, 2 * (b - a) - 1) if jitter and not ignores else (b - a, b - a)
+            for a, b in zip(active, active[1:])
+        )
         return cls(target, pattern, gaps, seq_len)
 
     @property
@@ -144,7 +160,7 @@ class Planted(Family):
         return (self.pattern, self.gaps)
 
     def __str__(self) -> str:
-        parts = [f"{'w' if a == W else 'r'}{b if a == W else ''}" for a, b in self.pattern]
+        parts = ["r" if a == R else f"{'w' if a == W else 'i'}{b}" for a, b in self.pattern]
         between = [f" <{lo}>" if lo == hi else f" <{lo}-{hi}>" for lo, hi in self.gaps]
         text = parts[0] + "".join((b if b != " <1>" else "") + f" {p}" for b, p in zip(between, parts[1:]))
         return f"Planted([{text}] in {self.target})"
@@ -190,6 +206,8 @@ class Planted(Family):
             lp = np.where(inner, np.log(np.maximum(probs[:, a - W], _EPS)), 0.0)
             if a == W:
                 lp += np.log(np.maximum(ones if b else 1 - ones, _EPS))
+            elif a == I:
+                lp += math.log(0.5)  # an ignore's bit is a fair coin
             out[k] = lp
         return torch.from_numpy(out)
 
@@ -207,7 +225,7 @@ class Planted(Family):
                 csum = torch.nn.functional.pad(alpha.cumsum(1), (hi + 1, 0))
                 alpha = (csum[:, hi + 1 - lo : hi + 1 - lo + pairs] - csum[:, :pairs]) / (hi - lo + 1)
             match = instr == a
-            if a == W:
+            if a != R:
                 match &= bits == b
             alpha = torch.where(match, alpha * (-slot_lp[k]).exp(), 0.0)
             top = alpha.amax(1).clamp_min(1e-300)
@@ -241,7 +259,7 @@ class Planted(Family):
         rows_ix = np.arange(rows)
         for k, (a, b) in enumerate(self.pattern):
             instr[rows_ix, slots[:, k]] = a
-            if a == W:
+            if a != R:
                 bits[rows_ix, slots[:, k]] = b
         # Reads repeat the last write's bit, the pattern's writes included.
         at = np.arange(pairs)
