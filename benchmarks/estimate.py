@@ -13,6 +13,13 @@ Sections (``--sections``, comma-separated; all by default):
 ``tails``
     The sparse-set tail (FFL(0.98)) of every shipped transformer by importance sampling,
     with the standard-set bound from its index entry beside it.
+``planted``
+    The tail of each shipped transformer with no sparse errors (``glitchy-128``,
+    ``mitigated-128``): a glitch search (``find-glitches``, 40,000 sequences, up to 20
+    glitches), then importance sampling from the planted glitch patterns
+    (``estimate --plant``), against the sparse set's bound. And on the circuit, the planted
+    estimate from 5 glitches against the exact rate at 3.7e-7, 5.8e-9 and 3.7e-10 (coverage
+    over seeds).
 ``agree``
     Importance sampling against plain sampling on shipped glitchy models (FFL(0.98) for
     ``glitchy-512``, FFL(0.1) for ``glitchy-128``), 10,000 sequences each: do the intervals
@@ -138,6 +145,71 @@ def tails(budget: int, names: list[str]) -> list[dict]:
             f"IS per-read {r.per_read:.2e} {ci}, {r.scored} sequences, {row['seconds']} s"
         )
     return rows
+
+
+def planted(budget: int, seeds: int, names: list[str]) -> dict:
+    from ffinterp.analysis.glitches import find_glitches
+    from ffinterp.analysis.patterns import glitch_proposal
+    from ffinterp.evaluate import _as_model
+    from ffinterp.language import to_text
+    from ffinterp.models.constructed import decoy_sequence, predicted_error
+
+    out: dict = {"circuit": [], "models": []}
+    texts = [
+        to_text(decoy_sequence(gap, n, T_CIRCUIT)[0])
+        for gap in range(2, T_CIRCUIT - 2, 2)
+        for n in range(10)
+        if 2 * n + gap <= T_CIRCUIT - 2 and predicted_error(gap, n, SHARPNESS)
+    ][:5]
+    model = build_circuit(SHARPNESS, block_size=T_CIRCUIT)
+    for p_i in (0.98, 0.995, 0.998):
+        exact = exact_error_prob(SHARPNESS, T_CIRCUIT, p_i)
+        target = FFL.from_p_i(p_i)
+        built = glitch_proposal(model, target, texts, T_CIRCUIT)
+        covered, reliable, ratios = 0, 0, []
+        for seed in range(seeds):
+            r = estimate(model, target, budget=8000, seed=seed, proposal=built.family, progress=False)
+            reliable += r.reliable
+            covered += r.reliable and r.ci_low <= exact <= r.ci_high
+            ratios.append(r.estimate / exact)
+        row = {"p_i": p_i, "exact": exact, "seeds": seeds, "reliable": reliable, "covered": covered,
+               "estimate_over_exact": ratios, "pattern_sequences": built.scored}  # fmt: skip
+        out["circuit"].append(row)
+        print(
+            f"  circuit p_i={p_i}: exact {exact:.2e}; planted estimate / exact "
+            f"{min(ratios):.2f}-{max(ratios):.2f}; {covered}/{reliable} reliable intervals cover it "
+            f"({seeds} seeds, 8,000 sequences + {built.scored} to build the proposal)"
+        )
+    for e in shipped_transformers(names):
+        sp = e["eval"]["sparse"]
+        if sp["errors"]:
+            continue
+        t0 = time.perf_counter()
+        name = f"pretrained:{e['name']}"
+        report = find_glitches(name, "all", 40_000, max_glitches=20, diagnose=False, device="cpu")
+        glitches = [(g.get("minimized") or {}).get("text") or g["text"] for g in report.glitches]
+        row = {"model": e["name"], "sparse_errors": 0, "sparse_reads": sp["reads"],
+               "sparse_ci_high": sp["ci_high"], "glitches": len(glitches),
+               "search_sequences": report.summary["scored"]}  # fmt: skip
+        if glitches:
+            fast, _ = _as_model(name)
+            target = FFL.from_p_i(0.98)
+            built = glitch_proposal(fast, target, glitches, e["seq_len"])
+            r = estimate(fast, target, budget=budget, seed=0, proposal=built.family, progress=False)
+            row.update({k: v for k, v in r.to_dict().items() if k not in ("target", "proposal")})
+            row["scored"] = r.scored + built.scored
+            row["largest_patterns"] = built.summary()
+            ci = f"[{r.per_read_ci_low:.2e}, {r.per_read_ci_high:.2e}]" if r.reliable else f"({r.warning})"
+            line = f"planted IS per-read {r.per_read:.2e} {ci}, ESS {r.ess:.0f}, {row['scored']} sequences"
+        else:
+            line = "no glitch found, nothing to plant"
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        out["models"].append(row)
+        print(
+            f"  {e['name']:<14} sparse 0/{sp['reads']} (< {sp['ci_high']:.1e} per read); "
+            f"{len(glitches)} glitches in {row['search_sequences']} sequences; {line}; {row['seconds']} s"
+        )
+    return out
 
 
 def agree(budget: int) -> list[dict]:
@@ -269,7 +341,7 @@ def plot(budget: int, out: Path, names: list[str]) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sections", default="is-vs-mc,agree,tails,adversary,plot")
+    ap.add_argument("--sections", default="is-vs-mc,agree,tails,planted,adversary,plot")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument(
         "--budget", type=int, default=10_000, help="Sequences per IS estimate of a shipped model."
@@ -291,6 +363,10 @@ def main() -> None:
             result[section] = is_vs_mc(args.seeds)
         elif section == "tails":
             result[section] = tails(args.budget, [m for m in args.models.split(",") if m])
+        elif section == "planted":
+            result[section] = planted(
+                3 * args.budget, args.seeds + 2, [m for m in args.models.split(",") if m]
+            )
         elif section == "agree":
             result[section] = agree(args.budget)
         elif section == "adversary":
