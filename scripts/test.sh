@@ -7,6 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TL3=${FFINTERP_TL3:-transformer-lens==3.9.0}
+# Two pytest workers share the machine's cores: one BLAS/OpenMP thread each unless told otherwise
+# (oversubscribed threads made the suite markedly slower on 2 cores).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 bash scripts/setup.sh
 .venv/bin/ruff check ffinterp tests benchmarks
