@@ -7,8 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TL3=${FFINTERP_TL3:-transformer-lens==3.9.0}
-# Two pytest workers share the machine's cores: one BLAS/OpenMP thread each unless told otherwise
-# (oversubscribed threads made the suite markedly slower on 2 cores).
+# Two pytest workers share the machine's cores: one BLAS/OpenMP thread each unless told
+# otherwise, so the workers do not oversubscribe a 2-core machine.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 bash scripts/setup.sh
