@@ -75,15 +75,22 @@ def jittered(planted: Planted) -> Planted:
     return replace(planted, gaps=gaps)
 
 
-def _without(planted: Planted, k: int) -> Planted | None:
-    """The pattern with active instruction ``k`` dropped; its two gaps merge (ranges add)."""
+def _without(planted: Planted, k: int, close_up: bool = False) -> Planted | None:
+    """The pattern with element ``k`` dropped: its two gaps merge (ranges add), or with
+    ``close_up`` the later elements also move one slot nearer (a run of adjacent writes
+    becomes a shorter run rather than a run with a hole)."""
     pattern = planted.pattern[:k] + planted.pattern[k + 1 :]
     gaps = list(planted.gaps)
     if k == 0:
+        if close_up:
+            return None
         gaps = gaps[1:]
     else:
         (lo, hi), (lo2, hi2) = gaps[k - 1], gaps[k]
-        gaps = gaps[: k - 1] + [(lo + lo2, hi + hi2)] + gaps[k + 1 :]
+        step = 1 if close_up else 0
+        if lo + lo2 - step < 1:
+            return None
+        gaps = gaps[: k - 1] + [(lo + lo2 - step, hi + hi2 - step)] + gaps[k + 1 :]
     try:
         return Planted(planted.target, pattern, tuple(gaps), planted.seq_len)
     except FFInterpError:
@@ -108,8 +115,9 @@ def shrink(
     """Smaller patterns than ``starts`` that still fail in random context.
 
     Greedy, from each start: try each sub-pattern with one element dropped (the final read
-    stays), plant each in ``per_test`` target sequences, and go on from the sub-pattern that
-    fails most often, while any fails at all. Patterns in ``known`` (keys) are not tried
+    stays), with the gap left open or closed up by one slot, plant each in ``per_test``
+    target sequences, and go on from the sub-pattern that fails most often, while any fails
+    at all. Patterns in ``known`` (keys) are not tried
     again. Returns the new patterns and the number of sequences scored.
     """
     seen = set(known or ()) | {p.key for p in starts}
@@ -118,8 +126,9 @@ def shrink(
     for current in starts:
         while len(current.pattern) > 2:
             best, best_rate = None, 0.0
-            for k in range(len(current.pattern) - 1):
-                cand = _without(current, k)
+            moves = [(k, close) for k in range(len(current.pattern) - 1) for close in (False, True)]
+            for k, close in moves:
+                cand = _without(current, k, close)
                 if cand is None or cand.key in seen:
                     continue
                 seen.add(cand.key)
