@@ -161,8 +161,8 @@ def _decoy_glitches(sharpness: float, count: int) -> list[str]:
 def test_planted_estimates_cover_the_circuits_exact_rate(p_i):
     """From 5 glitches, shrunk and jittered, 8,000 sequences: the estimate is within a
     factor 1.5 of the exact rate (5.8e-9, 3.7e-10) and its interval covers it. Measured over
-    5 seeds at each of 0.98, 0.995, 0.998: 15 of 15 intervals covered, all flagged reliable,
-    estimate / exact from 0.84 to 1.18."""
+    5 seeds at each of 0.98, 0.995, 0.998: 14 of 15 intervals covered (the miss at 3.7e-7),
+    all flagged reliable, estimate / exact from 0.72 to 1.18."""
     sharpness = 8.0
     model = build_circuit(sharpness, block_size=T)
     exact = exact_error_prob(sharpness, T, p_i)
@@ -231,8 +231,8 @@ GLITCHY_128 = [
 
 def test_a_model_with_no_sparse_errors_gets_a_finite_estimate_below_the_bound():
     """glitchy-128 makes 0 errors in 259,279 sparse reads (bound 1.4e-5 per read); planted
-    patterns from its glitches give a finite estimate far below that. Measured with the CLI
-    (20 glitches, 30,000 sequences): 1.9e-13 [1.4e-13, 2.4e-13] per read."""
+    patterns from its glitches give a finite estimate far below that. Measured by
+    benchmarks/estimate.py (20 glitches, 30,000 sequences): 4.1e-13 [2.8e-13, 5.3e-13] per read."""
     bound = entry("glitchy-128")["eval"]["sparse"]["ci_high"]
     kw = dict(device="cpu")
     model, _ = _as_model("pretrained:glitchy-128")
