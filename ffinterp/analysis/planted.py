@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -107,7 +108,7 @@ class Planted(Family):
                 f"Planted: need {len(self.pattern) - 1} gap ranges 1 <= lo <= hi, got {self.gaps}"
             )
         _independent_slots(self.target, self.seq_len // 2)
-        if self._fit_probability() <= 0:
+        if self._fit_probability <= 0:
             raise FFInterpError(
                 f"Planted: a pattern of {len(self.pattern)} instructions does not fit T={self.seq_len}"
             )
@@ -171,6 +172,7 @@ class Planted(Family):
             raise FFInterpError(f"Planted was built for T={self.seq_len}, asked for T={seq_len}")
         return seq_len // 2
 
+    @cached_property  # the structure is frozen: computed once, not on every log_prob
     def _placement(self) -> tuple[np.ndarray, np.ndarray]:
         """(forward [k, pairs]: P(start and the first k gaps put pattern slot k at slot j),
         backward [k, pairs]: P(the remaining gaps from slot j fit)), before rejection."""
@@ -189,11 +191,13 @@ class Planted(Family):
             bwd[k] = sum(ahead[e : e + pairs] for e in range(lo, hi + 1)) / (hi - lo + 1)
         return fwd, bwd
 
+    @cached_property
     def _fit_probability(self) -> float:
         """Z: P(a uniform start and random gaps fit the sequence and the language)."""
-        fwd, bwd = self._placement()
+        fwd, bwd = self._placement
         return float((fwd[0] * bwd[0]).sum())
 
+    @cached_property
     def _slot_log_probs(self) -> Tensor:
         """[k, pairs]: log p_target(pattern slot k at slot j) (the language fixes the first
         and the last slot, so only bits count there)."""
@@ -215,7 +219,7 @@ class Planted(Family):
         """log(g(x) / p(x)) per row (-inf where the row does not hold the pattern)."""
         instr, bits, _, _ = _split(tokens)
         n, pairs = instr.shape
-        slot_lp = self._slot_log_probs()
+        slot_lp = self._slot_log_probs
         log_scale = torch.full((n,), -math.log(pairs), dtype=torch.float64)
         alpha = torch.ones(n, pairs, dtype=torch.float64)
         for k, (a, b) in enumerate(self.pattern):
@@ -232,7 +236,7 @@ class Planted(Family):
             alpha = alpha / top[:, None]
             log_scale = log_scale + top.log()
         total = alpha.sum(1)
-        return torch.where(total > 0, total.log() + log_scale - math.log(self._fit_probability()), -math.inf)
+        return torch.where(total > 0, total.log() + log_scale - math.log(self._fit_probability), -math.inf)
 
     def log_prob(self, tokens: Int[Tensor, "batch seq"]) -> Float64[Tensor, " batch"]:
         tokens = torch.as_tensor(tokens)
@@ -288,8 +292,8 @@ class Planted(Family):
         """The target's reads, corrected on the slots the pattern takes."""
         pairs = self._check(seq_len)
         probs, _ = _independent_slots(self.target, pairs)
-        fwd, bwd = self._placement()
-        occupancy = fwd * bwd / self._fit_probability()  # P(pattern slot k sits at slot j)
+        fwd, bwd = self._placement
+        occupancy = fwd * bwd / self._fit_probability  # P(pattern slot k sits at slot j)
         shift = sum(
             float((occupancy[k, 1:-1] * (float(a == R) - probs[1:-1, 1])).sum())
             for k, (a, _) in enumerate(self.pattern)
