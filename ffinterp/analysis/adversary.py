@@ -39,9 +39,9 @@ from torch import nn
 
 from ffinterp.analysis.families import Family, Piecewise
 from ffinterp.analysis.search import Scored, SearchContext, Strategy, register
-from ffinterp.device import resolve_device
+from ffinterp.analysis.tail import checked_model, placed
 from ffinterp.errors import FFInterpError
-from ffinterp.evaluate import _as_model, clopper_pearson
+from ffinterp.evaluate import clopper_pearson
 
 BOUND = 8.0  # box on the unconstrained vector: probabilities stay above ~e^-16
 
@@ -223,7 +223,7 @@ def maximize(
     ones. ``soft=False`` searches on the hard error rate alone (the public adversary's
     objective, which needs ~2,000 sequences per candidate to see rare errors). The model is
     put back on its device and mode afterwards."""
-    fast, _ = _as_model(model)
+    fast, t, dev = checked_model(model, seq_len, device)
     start = start or default_family()
     if not isinstance(start, Family):
         raise FFInterpError(f"start must be a Family, got {type(start).__name__}")
@@ -231,27 +231,15 @@ def maximize(
         raise FFInterpError(
             f"need budget >= per_eval >= 1 and confirm >= 1, got {budget}, {per_eval}, {confirm}"
         )
-    block = getattr(getattr(fast, "cfg", None), "block_size", None)
-    t = seq_len if seq_len is not None else (block or 512)
-    if t < 4 or t % 2 or (block is not None and t > block):
-        raise FFInterpError(f"seq_len must be even, >= 4 and <= the model's block size {block}, got {t}")
-    try:
-        dev = resolve_device(device)
-    except RuntimeError as e:
-        raise FFInterpError(f"device {device!r}: {str(e).splitlines()[0]}") from None
     from tqdm.auto import tqdm
 
-    param = next(fast.parameters(), None)
-    home = param.device if param is not None else torch.device("cpu")
-    was_training = fast.training
-    fast.to(dev).eval()
     t0 = time.perf_counter()
     ctx = SearchContext(
         fast, t, seed=seed, budget=budget, batch_size=batch_size, device=dev, strategy="distribution"
     )
     pop = popsize or (4 + int(3 * math.log(start.n_params)))
     generations = max(1, budget // (pop * per_eval))
-    try:
+    with placed(fast, dev):
         with tqdm(
             total=budget + confirm, desc="distribution search", unit="seq", disable=not progress
         ) as bar:
@@ -270,8 +258,6 @@ def maximize(
             rng = np.random.Generator(np.random.PCG64([seed, 2**32]))  # apart from every search sample
             final = _candidate(best.family, ctx.score(best.family.draw(confirm, t, rng)))
             bar.update(confirm)
-    finally:
-        fast.to(home).train(was_training)
     rlo, rhi = clopper_pearson(final.errors, final.reads)
     slo, shi = clopper_pearson(final.erring_sequences, final.sequences)
     return AdversaryResult(

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ffinterp.analysis.families import Family, Mixture
 from ffinterp.analysis.planted import Planted
-from ffinterp.analysis.tail import score_rows
+from ffinterp.analysis.tail import checked_model, placed, score_rows
 from ffinterp.errors import FFInterpError
 from ffinterp.language import R
 
@@ -97,9 +97,10 @@ def _without(planted: Planted, k: int, close_up: bool = False) -> Planted | None
         return None
 
 
-def _hit_rate(model: nn.Module, planted: Planted, n: int, seed: int, device) -> float:
+def _planted_errors(model: nn.Module, planted: Planted, n: int, seed: int, device) -> tuple[Tensor, Tensor]:
+    """``n`` sequences from ``planted`` and which of them hold a read error."""
     tokens = planted.sample(n, planted.seq_len, seed=seed)
-    return float(score_rows(model, tokens.to(device)).any_error.float().mean())
+    return tokens, score_rows(model, tokens.to(device)).any_error.cpu()
 
 
 @torch.inference_mode()
@@ -132,7 +133,8 @@ def shrink(
                 if cand is None or cand.key in seen:
                     continue
                 seen.add(cand.key)
-                rate = _hit_rate(model, cand, per_test, int(rng.integers(2**31)), device)
+                _, err = _planted_errors(model, cand, per_test, int(rng.integers(2**31)), device)
+                rate = float(err.float().mean())
                 scored += per_test
                 if rate > best_rate:
                     best, best_rate = cand, rate
@@ -159,8 +161,7 @@ def contributions(
     rng = np.random.default_rng(seed)
     out = []
     for comp in map(jittered, patterns) if jitter else patterns:
-        tokens = comp.sample(per_test, comp.seq_len, seed=int(rng.integers(2**31)))
-        err = score_rows(model, tokens.to(device)).any_error.cpu()
+        tokens, err = _planted_errors(model, comp, per_test, int(rng.integers(2**31)), device)
         w = (comp.target.log_prob(tokens) - comp.log_prob(tokens)).exp()
         out.append(float((w * err.double()).mean()))
     return out
@@ -171,7 +172,7 @@ class GlitchProposal:
     """A planted-pattern proposal built from a glitch search, and what it cost."""
 
     family: Family
-    patterns: list[Planted]  # jittered, in the family's order
+    patterns: list[Planted]  # jittered and exact, in the family's order
     contributions: list[float]  # each pattern's estimated error mass under the target
     scored: int  # sequences scored to shrink and weigh the patterns
 
@@ -182,19 +183,20 @@ class GlitchProposal:
 
 
 def glitch_proposal(
-    model: nn.Module,
+    model: nn.Module | str | os.PathLike,
     target: Family,
     glitches: list[str],
-    seq_len: int,
+    seq_len: int | None = None,
     *,
     top: int = 5,
     per_test: int = 128,
     floor: float = 0.1,
     exact: bool = True,
     seed: int = 0,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
 ) -> GlitchProposal:
-    """Glitches (minimal forms) to a weighted mixture of jittered planted patterns.
+    """Glitches (minimal forms) to a weighted mixture of planted patterns, for ``model`` (a
+    fast model or a checkpoint spec) at ``seq_len`` tokens (default: its block size).
 
     1. :func:`from_glitches`: each glitch's writes and reads, its whole window, and mirrors;
     2. :func:`contributions`: the error mass each covers (``per_test`` sequences each);
@@ -212,28 +214,30 @@ def glitch_proposal(
     cross-entropy weight and the circuit's intervals missed; shares that follow the
     measured contributions fixed that (14 or 15 of 15 covered, over two versions of the shrinking).
     """
-    patterns = from_glitches(target, glitches, seq_len)
-    kw = dict(per_test=per_test, seed=seed, device=device)
-    mass = contributions(model, patterns, **kw)
-    scored = per_test * len(patterns)
-    if top > 0:
-        order = sorted(range(len(patterns)), key=lambda k: (-mass[k], len(patterns[k].pattern)))
-        found, n = shrink(model, [patterns[k] for k in order[:top]], known={p.key for p in patterns}, **kw)
-        patterns, mass = patterns + found, mass + contributions(model, found, **kw)
-        scored += n + per_test * len(found)
-    comps = {}
-    for p, m in zip(map(jittered, patterns), mass):
-        comps[p.key] = (p, max(m, comps.get(p.key, (p, 0.0))[1]))
-    if exact:
-        for p, m in zip(patterns, contributions(model, patterns, jitter=False, **kw)):
-            comps.setdefault(p.key, (p, m))
-        scored += per_test * len(patterns)
-    jit = [p for p, _ in comps.values()]
+    fast, t, dev = checked_model(model, seq_len, device)
+    patterns = from_glitches(target, glitches, t)
+    kw = dict(per_test=per_test, seed=seed, device=dev)
+    with placed(fast, dev):
+        mass = contributions(fast, patterns, **kw)
+        scored = per_test * len(patterns)
+        if top > 0:
+            order = sorted(range(len(patterns)), key=lambda k: (-mass[k], len(patterns[k].pattern)))
+            found, n = shrink(fast, [patterns[k] for k in order[:top]], known={p.key for p in patterns}, **kw)
+            patterns, mass = patterns + found, mass + contributions(fast, found, **kw)
+            scored += n + per_test * len(found)
+        comps = {}
+        for p, m in zip(map(jittered, patterns), mass):
+            comps[p.key] = (p, max(m, comps.get(p.key, (p, 0.0))[1]))
+        if exact:
+            for p, m in zip(patterns, contributions(fast, patterns, jitter=False, **kw)):
+                comps.setdefault(p.key, (p, m))
+            scored += per_test * len(patterns)
+    planted = [p for p, _ in comps.values()]
     mass = [m for _, m in comps.values()]
     total = sum(mass)
-    shares = [(1 - floor) * m / total + floor / len(jit) if total > 0 else 1 / len(jit) for m in mass]
-    family = jit[0] if len(jit) == 1 else Mixture(tuple(jit), tuple(shares))
-    return GlitchProposal(family, jit, mass, scored)
+    shares = [(1 - floor) * m / total + floor / len(planted) if total > 0 else 1 / len(planted) for m in mass]
+    family = planted[0] if len(planted) == 1 else Mixture(tuple(planted), tuple(shares))
+    return GlitchProposal(family, planted, mass, scored)
 
 
 __all__ = [

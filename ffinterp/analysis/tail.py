@@ -61,6 +61,8 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from statistics import NormalDist
@@ -282,6 +284,40 @@ def _kish(x: Tensor) -> float:
 PROPOSALS = ("markov", "piecewise")
 
 
+def checked_model(
+    model: nn.Module | str | os.PathLike, seq_len: int | None, device: str | torch.device
+) -> tuple[nn.Module, int, torch.device]:
+    """The fast model, the sequence length (default: its block size) and the device, each
+    checked, for anything that scores sequences of a model here."""
+    fast, _ = _as_model(model)
+    block = getattr(getattr(fast, "cfg", None), "block_size", None)
+    t = seq_len if seq_len is not None else (block or 512)
+    if t < 4 or t % 2:
+        raise FFInterpError(f"seq_len must be an even number >= 4, got {t}")
+    if block is not None and t > block:
+        raise FFInterpError(f"seq_len {t} exceeds the model's block_size {block}")
+    try:
+        dev = resolve_device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("CUDA is not available")
+    except RuntimeError as e:
+        raise FFInterpError(f"device {device!r}: {str(e).splitlines()[0]}") from None
+    return fast, t, dev
+
+
+@contextmanager
+def placed(fast: nn.Module, dev: torch.device) -> Iterator[nn.Module]:
+    """``fast`` on ``dev`` in eval mode; put back on its device and in its mode afterwards."""
+    param = next(fast.parameters(), None)
+    home = param.device if param is not None else torch.device("cpu")
+    was_training = fast.training
+    fast.to(dev).eval()
+    try:
+        yield fast
+    finally:
+        fast.to(home).train(was_training)
+
+
 def _describe(family: Family) -> str:
     """The proposal family in a few words, for the method line."""
     parts = family.components if isinstance(family, Mixture) else (family,)
@@ -352,7 +388,7 @@ def estimate(
     same proposal and the result is one process's, for any world size. ``journal`` records
     every scored chunk; rerunning with the same file resumes where a killed run stopped.
     """
-    fast, _ = _as_model(model)
+    fast, t, dev = checked_model(model, seq_len, device)
     if method not in METHODS:
         raise FFInterpError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if not isinstance(target, Family):
@@ -363,12 +399,6 @@ def estimate(
         raise FFInterpError(f"confidence must be in (0, 1), got {confidence}")
     if not (0 < pilot < 1 and 0 < elite < 1 and 0 < smoothing <= 1 and 0 < defensive < 1 and rounds >= 1):
         raise FFInterpError("need 0 < pilot, elite, defensive < 1, 0 < smoothing <= 1 and rounds >= 1")
-    block = getattr(getattr(fast, "cfg", None), "block_size", None)
-    t = seq_len if seq_len is not None else (block or 512)
-    if t < 4 or t % 2:
-        raise FFInterpError(f"seq_len must be an even number >= 4, got {t}")
-    if block is not None and t > block:
-        raise FFInterpError(f"seq_len {t} exceeds the model's block_size {block}")
     if chains < 1 or not 0 <= broaden < 1:
         raise FFInterpError(f"need chains >= 1 and 0 <= broaden < 1, got {chains} and {broaden}")
     per_round = int(budget * pilot) // (rounds * chains) if method == "is" else 0
@@ -376,13 +406,6 @@ def estimate(
         raise FFInterpError(
             f"budget {budget} is too small for {chains} x {rounds} pilot rounds (need >= 10 sequences each)"
         )
-    try:
-        dev = resolve_device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("CUDA is not available")
-    except RuntimeError as e:
-        raise FFInterpError(f"device {device!r}: {str(e).splitlines()[0]}") from None
-
     from tqdm.auto import tqdm
 
     dist = dist if dist is not None else distributed.current()
@@ -393,12 +416,8 @@ def estimate(
     )  # fmt: skip
     book = Journal(journal, {"model": model_digest(fast), **settings}, dist) if journal is not None else None
     book = book or Journal(None, {}, dist)
-    param = next(fast.parameters(), None)
-    home = param.device if param is not None else torch.device("cpu")
-    was_training = fast.training
-    fast.to(dev).eval()
     start = time.perf_counter()
-    try:
+    with placed(fast, dev):
         with tqdm(
             total=budget,
             desc=f"estimate ({method})",
@@ -471,8 +490,6 @@ def estimate(
             tokens = g.sample(n, t, seed=derive_seed(seed, "final"))
             s = run(tokens, "final")
             scored += n
-    finally:
-        fast.to(home).train(was_training)
 
     w = (target.log_prob(tokens) - g.log_prob(tokens)).exp()
     y = w * s.any_error.double()
@@ -514,4 +531,13 @@ def estimate(
     )  # fmt: skip
 
 
-__all__ = ["METHODS", "Journal", "RowScores", "TailEstimate", "estimate", "score_rows"]
+__all__ = [
+    "METHODS",
+    "Journal",
+    "RowScores",
+    "TailEstimate",
+    "checked_model",
+    "estimate",
+    "placed",
+    "score_rows",
+]

@@ -8,7 +8,6 @@ from dataclasses import replace
 import typer
 
 from ffinterp.cli import app, fail
-from ffinterp.device import resolve_device
 
 
 @app.command("estimate")
@@ -48,7 +47,9 @@ def estimate_command(
         "for models with no errors on the sparse set.",
     ),
     shrink_top: int = typer.Option(
-        5, "--shrink", help="With --plant: shrink the N smallest patterns (0: keep them as found)."
+        5,
+        "--shrink",
+        help="With --plant: shrink the N patterns that carry the most errors (0: keep them as found).",
     ),
 ) -> None:
     """P[a sequence has a read error] under FFL(p_i), by importance sampling (or plain sampling).
@@ -106,19 +107,11 @@ def estimate_command(
         from ffinterp.evaluate import _as_model
 
         glitches = read_glitches(plant)
-        model, _ = _as_model(ckpt)
-        try:
-            dev = dist.device if dist.active else resolve_device(device)
-        except RuntimeError as e:
-            fail(f"--device {device!r}: {str(e).splitlines()[0]}")
-        block = getattr(getattr(model, "cfg", None), "block_size", None)
-        t = seq_len if seq_len is not None else (block or 512)
-        if block is not None and t > block:
-            fail(f"--seq-len {t} exceeds the model's block_size {block}")
-        was = next(model.parameters()).device
-        model.to(dev).eval()
-        built = glitch_proposal(model, FFL.from_p_i(p_i), glitches, t, top=shrink_top, seed=seed, device=dev)
-        model.to(was)
+        model, _ = _as_model(ckpt)  # loaded once, for the proposal and the estimate
+        built = glitch_proposal(
+            model, FFL.from_p_i(p_i), glitches, seq_len, top=shrink_top, seed=seed,
+            device=dist.device if dist.active else device,
+        )  # fmt: skip
         if progress and dist.is_main:
             typer.echo(built.summary(), err=True)
         proposal, extra = built.family, built.scored
