@@ -56,6 +56,7 @@ from ffinterp.models.constructed import build_circuit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from test_estimate import exact_error_prob  # noqa: E402  (the exact enumeration, shared)
+from test_planted import _decoy_glitches as decoy_glitches  # noqa: E402  (the circuit's glitches, shared)
 
 T_CIRCUIT = 32
 SHARPNESS = 8.0
@@ -151,16 +152,9 @@ def planted(budget: int, seeds: int, names: list[str]) -> dict:
     from ffinterp.analysis.glitches import find_glitches
     from ffinterp.analysis.patterns import glitch_proposal
     from ffinterp.evaluate import _as_model
-    from ffinterp.language import to_text
-    from ffinterp.models.constructed import decoy_sequence, predicted_error
 
     out: dict = {"circuit": [], "models": []}
-    texts = [
-        to_text(decoy_sequence(gap, n, T_CIRCUIT)[0])
-        for gap in range(2, T_CIRCUIT - 2, 2)
-        for n in range(10)
-        if 2 * n + gap <= T_CIRCUIT - 2 and predicted_error(gap, n, SHARPNESS)
-    ][:5]
+    texts = decoy_glitches(SHARPNESS, 5)
     model = build_circuit(SHARPNESS, block_size=T_CIRCUIT)
     for p_i in (0.98, 0.995, 0.998):
         exact = exact_error_prob(SHARPNESS, T_CIRCUIT, p_i)
