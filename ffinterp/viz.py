@@ -203,8 +203,12 @@ def pattern_grid(
                 col=h + 1,
             )
     # Positions as numbers (tokens are in the single-head figure): keeps the HTML small.
-    fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False)
-    fig.update_yaxes(autorange="reversed", showticklabels=False, showgrid=False, zeroline=False)
+    fig.update_xaxes(showticklabels=True, showgrid=False, zeroline=False, nticks=5)
+    fig.update_yaxes(autorange="reversed", showticklabels=True, showgrid=False, zeroline=False, nticks=5)
+    for l in range(n_layer):  # every panel is query (rows) x key (columns); label the outer ones
+        fig.update_yaxes(title_text="query position", row=l + 1, col=1)
+    for h in range(n_head):
+        fig.update_xaxes(title_text="key position", row=n_layer, col=h + 1)
     fig.update_layout(
         title=title,
         coloraxis=dict(colorscale=PATTERN_SCALE, cmin=0.0, cmax=1.0, colorbar=dict(title="attention")),

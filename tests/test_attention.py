@@ -23,13 +23,12 @@ from ffinterp.analysis.attention import (
     Labelled,
     ReadAttention,
     auto_batch_size,
-    detect_read_heads,
     iter_read_attention,
     key_categories,
     last_write_mass,
-    name_heads,
     read_attention,
 )
+from ffinterp.analysis.readheads import name_by_effect
 from ffinterp.cli import main
 from ffinterp.data import iter_batches
 from ffinterp.hooked import FFLModel
@@ -169,29 +168,11 @@ def test_result_objects_show_and_plot(random_model, mixed_tokens):
         Labelled(torch.zeros(2, 3), ("a",))
 
 
-def test_name_heads_rule():
-    score = torch.tensor([[0.1, 0.7], [0.9, 0.2]])
-    assert name_heads(score, 0.5) == ([(1, 0), (0, 1)], True)
-    assert name_heads(score, 0.95) == ([(1, 0)], False)  # none pass: the best, flagged
-    assert name_heads(score, 0.5, top=1) == ([(1, 0)], True)
-
-
-def test_read_head_found_on_a_trained_tiny_model_is_stable(trained_tiny):
-    """The rule names the same head(s) from the in-distribution and the sparse set, and on
-    both the named head stands clearly above every other head (the scores themselves
-    differ: sparse reads have one write to find, so they are easier)."""
-    rh = detect_read_heads(trained_tiny, "in", "sparse", n=64, seq_len=T)
-    assert rh.stable, rh.table()
-    assert rh.n_reads > 100 and rh.n_check_reads > 10, rh.table()
-    for scores in (rh.score, rh.check_score):
-        best = float(scores[rh.heads[0]])
-        others = [
-            float(v) for k, v in enumerate(scores.flatten()) if divmod(k, scores.shape[1]) not in rh.heads
-        ]
-        assert best > max(others) + 0.1, rh.table()
-    text = rh.table()
-    assert "read heads:" in text and "stable on check set: yes" in text
-    assert "<table>" in rh._repr_html_() and isinstance(rh.plot(), go.Figure)
+def test_name_by_effect_rule():
+    effect = torch.tensor([[0.1, 0.7], [0.9, float("nan")]])
+    assert name_by_effect(effect, 0.5) == ([(1, 0), (0, 1)], True)
+    assert name_by_effect(effect, 0.95) == ([(1, 0)], False)  # none pass: the best, flagged
+    assert name_by_effect(effect, 0.5, top=1) == ([(1, 0)], True)
 
 
 # ---------------------------------------------------------------- CLI

@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 
-from ffinterp.analysis.attention import detect_read_heads, last_write_mass, read_attention
+from ffinterp.analysis.attention import last_write_mass, read_attention
+from ffinterp.analysis.readheads import detect_read_heads
 from ffinterp.hooked import load_model
 from ffinterp.language import read_mask, reads, sample
 from ffinterp.models.constructed import (

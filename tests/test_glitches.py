@@ -119,7 +119,12 @@ def test_every_jsonl_line_is_a_real_error_on_both_views(ffl, tmp_path):
         assert mini["length"] <= T and mini["active"] <= g["writes"] + 2
         d = g["diagnosis"]
         assert d["label"] in ("dilution", "wrong write", "start drift", "other")
-        assert isinstance(d["causal"]["fixed"], bool) and d["read_heads"]
+        assert isinstance(d["causal"]["force_carrier"]["fixes_read"], bool) and d["read_heads"]
+        clean_out = d["causal"]["clean_output"]
+        if clean_out.get("applicable"):  # a counterpart the model gets wrong is never applicable
+            assert clean_out["clean_margin"] > 0 and clean_out["clean_logit_diff"] > 0
+        else:
+            assert "top_sites" not in clean_out and "fixes_read" not in clean_out
     # the report object and its three forms
     assert "<table" in report._repr_html_()
     assert report.plot().data
@@ -327,8 +332,9 @@ def test_ground_truth_on_the_hand_built_circuit_at_low_sharpness():
         assert pred != "01".index(g["expected"]) + 3
         assert g["diagnosis"]["read_heads"][0]["head"] == "L1H0"
         causal = g["diagnosis"]["causal"]
-        assert g["diagnosis"]["label"] == "dilution" and causal["fixed"]
-        assert causal["clean_output"]["fixed"]  # the clean run's read-head output fixes it too
+        assert g["diagnosis"]["carrier"] == "bit"  # the circuit's read head reads the bit itself
+        assert g["diagnosis"]["label"] == "dilution" and causal["force_carrier"]["fixes_read"]
+        assert causal["clean_output"]["fixes_read"]  # the clean run's read-head output fixes it too
 
 
 def _head(name: str, label: str, mass: float, typical: float = 0.9) -> dict:
@@ -348,7 +354,7 @@ def test_the_glitch_is_put_down_to_the_abnormal_read_head_that_fixes_it() -> Non
     # a normal-looking first head does not hide the diluted one
     assert blamed_head([normal, diluted], {})["head"] == "L0H1"
     # among abnormal heads, the one whose own fix restores the read wins over a larger drop
-    fixes = {"L0H1": {"fixed": True}, "L0H3": {"fixed": False}}
+    fixes = {"L0H1": {"fixes_read": True}, "L0H3": {"fixes_read": False}}
     assert blamed_head([normal, wrong, diluted], fixes)["head"] == "L0H1"
     assert blamed_head([normal, wrong, diluted], {})["head"] == "L0H3"  # largest drop
     assert blamed_head([normal, _head("L1H0", "other", 0.5)], {})["head"] == "L1H2"  # all normal: first
@@ -393,3 +399,33 @@ def test_best_clean_patch_is_what_patching_that_component_alone_gives(ffl):
         shown = f"{top[0]['site']} {top[0]['logit_diff']:+.2f}"  # as the table and report show it
         assert shown in report.table(len(report)) and shown in report._repr_html_()
     assert checked
+
+
+def test_a_clean_counterpart_the_model_gets_wrong_is_not_applicable():
+    """A model that answers every read with the wrong bit (the circuit with its unembedding
+    negated) gets the clean counterpart wrong too: the clean patch is marked not applicable,
+    says why, and never feeds the best clean patch."""
+    from ffinterp.analysis.diagnose import Diagnoser
+    from ffinterp.analysis.report import best_clean_patch
+    from ffinterp.models.constructed import build_circuit, decoy_sequence
+
+    gpt = build_circuit(1000.0, block_size=T)
+    with torch.no_grad():
+        gpt.lm_head.weight.neg_()
+    wrong = FFLModel.from_fast(gpt, device="cpu", name="always-wrong")
+    tokens, read_pos = decoy_sequence(gap=20, n_decoys=3, seq_len=T)
+    assert float(wrong.predict_reads(tokens).margin[-1]) < 0
+    clean = Diagnoser(wrong, seq_len=T, n_reference=4).patch_clean_output(tokens, read_pos)
+    assert not clean["applicable"] and clean["clean_margin"] < 0 and "wrong too" in clean["why"]
+    assert "top_sites" not in clean and "fixes_read" not in clean
+    assert best_clean_patch({"causal": {"clean_output": clean}}).startswith("n/a")
+
+
+def test_max_glitches_summary_says_what_it_kept_and_its_best_margin_is_the_tables(ffl, tmp_path):
+    report = find_glitches(ffl, "random", 2048, seed=0, out=tmp_path, max_glitches=3, **FAST)
+    assert len(report) == 3
+    s = report.summary
+    assert s["best_margin"] == min(g["margin"] for g in report)
+    assert s["best_margin_scored"] <= s["best_margin"]
+    assert "first 3 verified glitches" in s["kept"]
+    assert f"{s['best_margin']:+.3f}" in report.table()

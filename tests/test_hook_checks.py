@@ -197,12 +197,12 @@ def test_diagnosis_dead_pattern_hook(glitchy: FFLModel, diagnoser: Diagnoser, mo
     scores = glitchy.predict_reads(tokens)
     assert float(scores.margin[scores.reads.pos == read_pos]) < 0  # a glitch
     name = "blocks.1.attn.hook_pattern"
-    _, margin = diagnoser.patch_to_last_write(tokens, read_pos, [READ_HEAD])
+    _, margin = diagnoser.force_carrier(tokens, read_pos, [READ_HEAD])
     assert margin > 0  # forcing the read head onto the last write fixes the read
     never_fires(monkeypatch, glitchy, name)
     with pytest.raises(DeadHookError) as err:
-        diagnoser.patch_to_last_write(tokens, read_pos, [READ_HEAD])
-    _one_line(err, "diagnose (patch_to_last_write)", name)
+        diagnoser.force_carrier(tokens, read_pos, [READ_HEAD])
+    _one_line(err, "diagnose (force_carrier)", name)
     with pytest.raises(DeadHookError) as err:  # the cached attention rows need the hook too
         diagnoser.diagnose(tokens, read_pos)
     assert name in str(err.value)
@@ -300,5 +300,5 @@ def test_without_the_check_ablation_and_diagnosis_return_quietly(
     silent = ablate_heads(rand, pair.clean)
     assert (silent.values[1] - silent.null).abs().max() <= 1e-5  # "no head in layer 1 matters"
     assert (healthy.values[1] - healthy.null).abs().max() > 1e-2
-    _, margin = diagnoser.patch_to_last_write(*GLITCH, [READ_HEAD])
+    _, margin = diagnoser.force_carrier(*GLITCH, [READ_HEAD])
     assert margin < 0  # the intervention silently did nothing: the glitch looks unfixable

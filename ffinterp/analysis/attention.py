@@ -1,4 +1,4 @@
-"""Where each read looks: attention at read positions, last-write mass, read-head detection.
+"""Where each read looks: attention at read positions, by key category and on the carrier.
 
 Everything runs on the hooked model through ``run_with_cache`` with a ``names_filter`` that
 keeps only ``blocks.{l}.attn.hook_pattern``, one chunk of sequences at a time. Each chunk
@@ -22,7 +22,6 @@ taken in instruction-bit pairs (an instruction at an even position and its bit):
 from __future__ import annotations
 
 import html
-import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -293,6 +292,8 @@ class ReadAttention:
     rows: Float[Tensor, "reads layer head key"] | None = None
     read_heads: list[tuple[int, int]] = field(default_factory=list)
     categories: tuple[str, ...] = CATEGORIES
+    carrier: int | None = None
+    carrier_mass: Float[Tensor, "reads layer head"] | None = None
 
     def __len__(self) -> int:
         return len(self.reads)
@@ -306,9 +307,16 @@ class ReadAttention:
         return self.mass.shape[2]
 
     @property
-    def last_write_mass(self) -> Float[Tensor, "reads layer head"]:
-        """Attention from each read to its last write (its ``w`` token plus its bit)."""
+    def write_mass(self) -> Float[Tensor, "reads layer head"]:
+        """Attention from each read to its last write's ``w`` token plus its bit."""
         return self.mass[..., LAST_WRITE]
+
+    @property
+    def last_write_mass(self) -> Float[Tensor, "reads layer head"]:
+        """Attention from each read to the carrier of its last write (the key the read head
+        takes the bit from: :func:`ffinterp.analysis.readheads.detect_read_heads` finds it);
+        without a carrier, :attr:`write_mass`."""
+        return self.write_mass if self.carrier_mass is None else self.carrier_mass
 
     @property
     def top_token(self) -> Int[Tensor, "reads layer head k"]:
@@ -433,10 +441,24 @@ class ReadAttention:
             top_mass=torch.cat([p.top_mass for p in parts]),
             rows=rows,
             read_heads=parts[0].read_heads,
+            carrier=parts[0].carrier,
+            carrier_mass=None if parts[0].carrier is None else torch.cat([p.carrier_mass for p in parts]),
         )
 
 
-def _reduce_chunk(model, tokens: Tensor, top_k: int, keep_rows: bool) -> ReadAttention:
+def carrier_mass(
+    rows: Float[Tensor, "reads layer head key"], rd: Reads, carrier: int
+) -> Float[Tensor, "reads layer head"]:
+    """Each read's attention on the carrier of its last write: ``write_pos + carrier``, or the
+    read itself when that would come after it."""
+    idx = torch.arange(len(rd), device=rows.device)
+    pos = torch.minimum(rd.write_pos + carrier, rd.pos).to(rows.device)
+    return rows[idx, :, :, pos]
+
+
+def _reduce_chunk(
+    model, tokens: Tensor, top_k: int, keep_rows: bool, carrier: int | None = None
+) -> ReadAttention:
     tokens = tokens.long()
     rd = reads(tokens)
     rows = read_rows(model, tokens, rd)
@@ -456,6 +478,8 @@ def _reduce_chunk(model, tokens: Tensor, top_k: int, keep_rows: bool) -> ReadAtt
         top_pos=top_pos.cpu(),
         top_mass=top_mass.cpu(),
         rows=rows.cpu() if keep_rows else None,
+        carrier=carrier,
+        carrier_mass=None if carrier is None else carrier_mass(rows, rd.to(rows.device), carrier).cpu(),
     )
 
 
@@ -467,6 +491,7 @@ def iter_read_attention(
     top_k: int = 3,
     keep_rows: bool = False,
     memory_mb: float = DEFAULT_MEMORY_MB,
+    carrier: int | None = None,
 ) -> Iterator[ReadAttention]:
     """Stream :class:`ReadAttention` chunk by chunk (each refers to its own chunk's tokens).
 
@@ -475,7 +500,7 @@ def iter_read_attention(
     """
     _check_model(model)
     for chunk in _chunks(tokens, batch_size, model, memory_mb):
-        yield _reduce_chunk(model, chunk, top_k, keep_rows)
+        yield _reduce_chunk(model, chunk, top_k, keep_rows, carrier)
 
 
 def read_attention(
@@ -487,16 +512,24 @@ def read_attention(
     keep_rows: bool = True,
     read_heads: Sequence[tuple[int, int]] = (),
     memory_mb: float = DEFAULT_MEMORY_MB,
+    carrier: int | None = None,
 ) -> ReadAttention:
     """Attention at every read of ``tokens``, joined into one result.
 
     ``keep_rows`` keeps the full rows (reads x layers x heads x T floats): right for a few
     sequences, wrong for a data set; use :func:`iter_read_attention` or
-    :func:`last_write_mass` there.
+    :func:`last_write_mass` there. ``carrier`` (from ``detect_read_heads(...).carrier``) makes
+    ``last_write_mass`` the mass on the carrier of the last write.
     """
     parts = list(
         iter_read_attention(
-            model, tokens, batch_size=batch_size, top_k=top_k, keep_rows=keep_rows, memory_mb=memory_mb
+            model,
+            tokens,
+            batch_size=batch_size,
+            top_k=top_k,
+            keep_rows=keep_rows,
+            memory_mb=memory_mb,
+            carrier=carrier,
         )
     )
     out = ReadAttention.concat(parts)
@@ -510,240 +543,39 @@ def last_write_mass(
     *,
     batch_size: int | None = None,
     memory_mb: float = DEFAULT_MEMORY_MB,
+    carrier: int | None = None,
 ) -> Float[Tensor, "reads layer head"]:
     """Only ``last_write_mass`` for every read, streaming: the cheapest extractor (its
-    output is reads x layers x heads floats; nothing else outlives a chunk)."""
+    output is reads x layers x heads floats; nothing else outlives a chunk). With ``carrier``
+    the mass on the carrier of the last write, else on its ``w`` token and bit."""
     _check_model(model)
     out = []
     for chunk in _chunks(tokens, batch_size, model, memory_mb):
         chunk = chunk.long()
         rd = reads(chunk)
         rows = read_rows(model, chunk, rd)
-        idx = torch.arange(len(rd), device=rows.device)
-        wp = rd.write_pos.to(rows.device)
-        out.append((rows[idx, :, :, wp] + rows[idx, :, :, wp + 1]).cpu())
+        if carrier is not None:
+            out.append(carrier_mass(rows, rd, carrier).cpu())
+        else:
+            idx = torch.arange(len(rd), device=rows.device)
+            wp = rd.write_pos.to(rows.device)
+            out.append((rows[idx, :, :, wp] + rows[idx, :, :, wp + 1]).cpu())
         del rows
     if not out:
         return torch.zeros(0, model.n_layers, model.n_heads)
     return torch.cat(out)
 
 
-# ---------------------------------------------------------------- read-head detection
-
-
-def name_heads(
-    score: Float[Tensor, "layer head"], threshold: float = 0.5, top: int | None = None
-) -> tuple[list[tuple[int, int]], bool]:
-    """The rule that names read heads from per-head scores, in the spirit of TransformerLens's
-    ``detect_head``: every head scoring at least ``threshold`` (best first), or the ``top``
-    best when given. With no head over the threshold the single best is named, and the
-    second value (whether the threshold was met) is False."""
-    n_heads = score.shape[1]
-    flat = score.flatten().float()
-    order = [int(k) for k in flat.argsort(descending=True)]
-    if top is not None:
-        picked = order[:top]
-        passed = all(float(flat[k]) >= threshold for k in picked)
-    else:
-        picked = [k for k in order if float(flat[k]) >= threshold]
-        passed = bool(picked)
-        picked = picked or order[:1]
-    return [divmod(k, n_heads) for k in picked], passed
-
-
-def _resolve_set(spec, n: int, seq_len: int) -> tuple[Tensor, str]:
-    from ffinterp.data import eval_set, eval_set_spec
-
-    if isinstance(spec, str):
-        s = eval_set_spec(spec)
-        return eval_set(spec, n, seq_len), f"{spec} FFL({s.p_i}), {n}x{seq_len}"
-    t = torch.as_tensor(spec)
-    t = t[None] if t.ndim == 1 else t
-    return t, f"custom, {len(t)}x{t.shape[-1]}"
-
-
-def head_scores(
-    model,
-    tokens: Int[Tensor, "batch seq"] | Iterable,
-    *,
-    batch_size: int | None = None,
-    skip_opening: bool = True,
-) -> tuple[Float[Tensor, "layer head"], int]:
-    """Mean ``last_write_mass`` of every head over reads (streaming), and the read count.
-
-    ``skip_opening`` leaves out reads whose last write is the opening pair: there a head
-    that always attends to the first tokens (an attention sink) looks like a read head,
-    which on sparse sets (where most reads only have the opening write) would name it.
-    """
-    total = torch.zeros(model.n_layers, model.n_heads, dtype=torch.float64)
-    n = 0
-    for chunk in _chunks(tokens, batch_size, model, DEFAULT_MEMORY_MB):
-        chunk = chunk.long()
-        m = last_write_mass(model, chunk, batch_size=len(chunk))
-        if skip_opening:
-            m = m[reads(chunk).write_pos >= START_TOKENS]
-        total += m.double().sum(0)
-        n += len(m)
-    return (total / max(n, 1)).float(), n
-
-
-@dataclass
-class ReadHeads:
-    """Per-head read-head scores on a reference set and a check set, and the heads named.
-
-    A head's score is its mean ``last_write_mass`` over the reads of a set (those whose last
-    write is not the opening pair; see :func:`head_scores`). ``stable`` says
-    whether the rule names the same heads from the check set's scores.
-    """
-
-    score: Float[Tensor, "layer head"]
-    heads: list[tuple[int, int]]
-    threshold: float
-    passed: bool
-    reference: str
-    n_reads: int
-    check_score: Float[Tensor, "layer head"] | None = None
-    check: str | None = None
-    n_check_reads: int = 0
-    top: int | None = None
-
-    @property
-    def check_heads(self) -> list[tuple[int, int]] | None:
-        if self.check_score is None:
-            return None
-        return name_heads(self.check_score, self.threshold, self.top)[0]
-
-    @property
-    def stable(self) -> bool | None:
-        """True when the check set names the same read heads (None without a check set, or
-        when it had no reads to score)."""
-        ch = self.check_heads
-        if ch is None or self.n_check_reads == 0:
-            return None
-        return set(ch) == set(self.heads)
-
-    def labelled(self) -> Labelled:
-        coords = {"layer": tuple(range(self.score.shape[0])), "head": tuple(range(self.score.shape[1]))}
-        return Labelled(self.score, ("layer", "head"), coords, f"read-head score ({self.reference})")
-
-    def rows(self) -> list[dict]:
-        """One dict per head, best reference score first."""
-        out = []
-        named = set(self.heads)
-        n_heads = self.score.shape[1]
-        for k in self.score.flatten().argsort(descending=True).tolist():
-            l, h = divmod(k, n_heads)
-            out.append(
-                {
-                    "head": head_name(l, h),
-                    "score": float(self.score[l, h]),
-                    "check_score": float(self.check_score[l, h])
-                    if self.check_score is not None
-                    else math.nan,
-                    "read_head": (l, h) in named,
-                }
-            )
-        return out
-
-    def table(self, limit: int | None = None) -> str:
-        """A plain-text table (the CLI prints it)."""
-        chk = self.check or "-"
-        lines = [
-            f"read heads: {', '.join(head_name(*h) for h in self.heads)}"
-            + ("" if self.passed else f" (best head; none reached {self.threshold})")
-            + (f"; stable on check set: {'yes' if self.stable else 'no'}" if self.stable is not None else ""),
-            f"score = mean last_write_mass over reads; reference {self.reference} ({self.n_reads} reads)"
-            + (f", check {chk} ({self.n_check_reads} reads)" if self.check_score is not None else ""),
-            f"{'head':<8}{'reference':>10}{'check':>10}  read head",
-        ]
-        for r in self.rows()[:limit]:
-            chk_s = f"{r['check_score']:>10.4f}" if not math.isnan(r["check_score"]) else f"{'-':>10}"
-            lines.append(f"{r['head']:<8}{r['score']:>10.4f}{chk_s}  {'*' if r['read_head'] else ''}")
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.table()
-
-    def _repr_html_(self) -> str:
-        cap = html.escape(self.table().splitlines()[0])
-        head = "<tr><th>head</th><th>reference</th><th>check</th><th>read head</th></tr>"
-        body = "".join(
-            f"<tr><th>{r['head']}</th><td>{r['score']:.4f}</td><td>{r['check_score']:.4f}</td>"
-            f"<td>{'★' if r['read_head'] else ''}</td></tr>"
-            for r in self.rows()
-        )
-        note = html.escape(self.table().splitlines()[1])
-        return f"<table><caption>{cap}<br><small>{note}</small></caption>{head}{body}</table>"
-
-    def plot(self):
-        """Reference and check scores side by side, read heads in red."""
-        import plotly.graph_objects as go
-
-        from ffinterp.viz import HIGHLIGHT
-
-        rows = sorted(self.rows(), key=lambda r: r["head"])
-        names = [r["head"] for r in rows]
-        fig = go.Figure(
-            go.Bar(
-                name=f"reference: {self.reference}",
-                x=names,
-                y=[r["score"] for r in rows],
-                marker_color=[HIGHLIGHT if r["read_head"] else "#1f77b4" for r in rows],
-            )
-        )
-        if self.check_score is not None:
-            fig.add_trace(go.Bar(name=f"check: {self.check}", x=names, y=[r["check_score"] for r in rows]))
-        return fig.update_layout(
-            barmode="group",
-            title="read-head score: mean last_write_mass over reads",
-            yaxis=dict(range=[0, 1.05], title="score"),
-            template="plotly_white",
-        )
-
-
-def detect_read_heads(
-    model,
-    reference: str | Tensor = "in",
-    check: str | Tensor | None = "sparse",
-    *,
-    n: int = 128,
-    seq_len: int | None = None,
-    threshold: float = 0.5,
-    top: int | None = None,
-    batch_size: int | None = None,
-) -> ReadHeads:
-    """Score every head by mean ``last_write_mass`` on ``reference`` and name the read heads
-    (:func:`name_heads`); score them again on ``check`` to show the naming is stable.
-
-    Sets are standard set names (``in``, ``sparse``, ``dense``: the first ``n`` sequences
-    at ``seq_len``, default the model's block size) or token batches.
-    """
-    _check_model(model)
-    seq_len = seq_len or model.cfg.block_size
-    ref_tokens, ref_name = _resolve_set(reference, n, seq_len)
-    score, n_reads = head_scores(model, ref_tokens, batch_size=batch_size)
-    heads, passed = name_heads(score, threshold, top)
-    out = ReadHeads(score, heads, threshold, passed, ref_name, n_reads, top=top)
-    if check is not None:
-        chk_tokens, chk_name = _resolve_set(check, n, seq_len)
-        out.check_score, out.n_check_reads = head_scores(model, chk_tokens, batch_size=batch_size)
-        out.check = chk_name
-    return out
-
-
 __all__ = [
     "CATEGORIES",
     "Labelled",
     "ReadAttention",
-    "ReadHeads",
+    "carrier_mass",
     "category_mass",
-    "detect_read_heads",
     "full_patterns",
-    "head_scores",
     "iter_read_attention",
     "key_categories",
     "last_write_mass",
-    "name_heads",
     "read_attention",
     "read_rows",
 ]

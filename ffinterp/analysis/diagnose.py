@@ -1,10 +1,16 @@
-"""Why a glitch happens: the read heads' attention at the failing read, and a causal check.
+"""Why a glitch happens: the read heads' attention at the failing read, and causal checks.
 
-Per glitch: the read heads (named once by :func:`ffinterp.analysis.attention.detect_read_heads`
-on a reference set), their last-write mass at the glitch next to their typical mass on
-correct reads, where the attention went (the attention module's key categories and top
-positions), a failure-mode label, and whether forcing the read heads to attend to the last
-write fixes the prediction. Everything runs on the hooked model.
+Per glitch: the read heads (named once, by what their output at the read carries, with
+:func:`ffinterp.analysis.readheads.detect_read_heads` on a reference set), their mass on the
+carrier of the last write at the glitch next to their typical mass on correct reads, where
+the attention went, a failure-mode label, and two causal checks with one named verdict each:
+
+* ``force_carrier``: force the read heads to attend only to the carrier of the last write at
+  the read and re-score (``fixes_read``);
+* ``clean_output``: put the read heads' output from the glitch's clean counterpart into the
+  glitch run (``fixes_read``), only where the model gets the counterpart right.
+
+Everything runs on the hooked model.
 """
 
 from __future__ import annotations
@@ -18,16 +24,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ffinterp.analysis.attention import (
-    PATTERN,
-    START_TOKENS,
-    head_name,
-    name_heads,
-    read_attention,
-    read_rows,
-)
+from ffinterp.analysis.attention import PATTERN, START_TOKENS, head_name, read_attention, read_rows
 from ffinterp.analysis.hookcheck import HookCheck
 from ffinterp.analysis.pairs import Pair, relabel
+from ffinterp.analysis.readheads import carrier_positions, detect_read_heads, offset_label
 from ffinterp.data import eval_set
 from ffinterp.errors import DeadHookError, FFInterpError
 from ffinterp.language import VOCAB, I, Reads, W, last_write_pos, reads, to_text
@@ -65,84 +65,88 @@ def attention_rows(
 
 @dataclass
 class ReferenceStats:
-    """Per head on correct reads of a reference set: mean and 5th percentile of the
-    last-write mass, and the share of it on the ``w`` token (the rest is on its bit)."""
+    """The read heads named by effect on a reference set, their carrier, and per head on the
+    reads the model gets right: mean and 5th percentile of the mass on the carrier."""
 
     mean: Float[Tensor, "layer head"]
     p05: Float[Tensor, "layer head"]
-    w_share: Float[Tensor, "layer head"]
     read_heads: list[tuple[int, int]]
-    detection: dict  # the per-head score and whether a head passed the threshold
+    carrier: int
+    detection: dict  # ReadHeads.to_dict(): effects, carrier, circuit
     n_reads: int
 
 
-def reference_stats(ffl, seq_len: int, n: int = 64, chunk: int = 8) -> ReferenceStats:
-    """Name the read heads on the standard in-distribution set (first ``n`` sequences at
-    ``seq_len``) by :func:`~ffinterp.analysis.attention.detect_read_heads`' score and rule
-    (mean last-write mass over reads past the opening write, :func:`name_heads`), and
-    measure how every head attends on the reads the model gets right."""
+def reference_stats(ffl, seq_len: int, n: int = 64, chunk: int = 8, circuit: bool = True) -> ReferenceStats:
+    """Name the read heads by effect on the standard in-distribution set (first ``n``
+    sequences at ``seq_len``), and measure how every head attends to the carrier on the
+    reads the model gets right."""
+    rh = detect_read_heads(ffl, "in", None, n=n, seq_len=seq_len, circuit=circuit)
     tokens = eval_set("in", n, seq_len)
-    masses, shares, oks, past_opening = [], [], [], []
-    for part in tokens.split(chunk):  # one hooked pass serves detection and the statistics
+    masses, oks = [], []
+    for part in tokens.split(chunk):
         rd = reads(part)
         with _patterns_cached("reference_stats"):
             rows = read_rows(ffl, part, rd).cpu()
         idx = torch.arange(len(rd))
-        on_w, on_b = rows[idx, :, :, rd.write_pos], rows[idx, :, :, rd.write_pos + 1]
-        masses.append(on_w + on_b)
-        shares.append(on_w / (on_w + on_b).clamp_min(1e-9))
+        masses.append(rows[idx, :, :, carrier_positions(rd.write_pos, rd.pos, rh.carrier)])
         oks.append(~score_tokens(ffl.fast, part, device=ffl.device).error)
-        past_opening.append(rd.write_pos >= START_TOKENS)
-    m, s, ok = torch.cat(masses), torch.cat(shares), torch.cat(oks)
-    # detect_read_heads' rule on detect_read_heads' score (reads past the opening write)
-    score = m[torch.cat(past_opening)].mean(0) if torch.cat(past_opening).any() else m.mean(0)
-    heads, passed = name_heads(score)
-    det = {"score": [[round(float(x), 4) for x in row] for row in score], "passed": passed, "reference": "in"}
+    m, ok = torch.cat(masses), torch.cat(oks)
     if not ok.any():  # a model that gets nothing right: no typical behaviour to compare
         z = torch.zeros(ffl.n_layers, ffl.n_heads)
-        return ReferenceStats(z, z, z + 0.5, heads, det, 0)
-    m, s = m[ok], s[ok]
-    return ReferenceStats(m.mean(0), torch.quantile(m, 0.05, dim=0), s.mean(0), heads, det, len(m))
+        return ReferenceStats(z, z, rh.heads, rh.carrier, rh.to_dict(), 0)
+    m = m[ok]
+    return ReferenceStats(
+        m.mean(0), torch.quantile(m, 0.05, dim=0), rh.heads, rh.carrier, rh.to_dict(), len(m)
+    )
 
 
 def failure_mode(
-    row: Float[Tensor, " key"], tokens: Int[Tensor, " seq"], read_pos: int, typical: float, low: float
+    row: Float[Tensor, " key"],
+    tokens: Int[Tensor, " seq"],
+    read_pos: int,
+    typical: float,
+    low: float,
+    carrier: int = 1,
 ) -> dict:
-    """One read head's failure, from its attention row at the read:
+    """One read head's failure, from its attention row at the read. Each write is judged by
+    the mass on its carrier (``write + carrier``, the read itself where that comes later):
 
-    * wrong write: an earlier write holds more mass than the last write (its bit, distance);
-    * start drift: the opening pair holds more mass than the last write;
-    * dilution: the last write still leads but holds less than ``low`` (the head's 5th
-      percentile on correct reads), the rest spread over other keys;
+    * wrong write: an earlier write's carrier holds more mass than the last write's;
+    * start drift: the opening write's carrier holds more than the last write's;
+    * dilution: the last write's carrier still leads but holds less than ``low`` (the head's
+      5th percentile on correct reads), the rest spread over other keys;
     * other: the attention looks normal; the error comes from elsewhere.
     """
     t = tokens.tolist()
     lw = int(last_write_pos(tokens[None])[0, read_pos])
     r = row[: read_pos + 1]
-    pairs = {p: float(r[p : p + 2].sum()) for p in range(0, read_pos + 1, 2)}
-    best = max(pairs, key=lambda p: (pairs[p], -p))
-    lw_mass = pairs[lw]
-    if best != lw and best >= START_TOKENS and t[best] == W and pairs[best] > lw_mass:
+    writes = [p for p in range(0, read_pos, 2) if t[p] == W]
+    on = {p: float(r[min(p + carrier, read_pos)]) for p in writes}
+    lw_mass = on[lw]
+    rivals = [p for p in writes if p != lw and p >= START_TOKENS]
+    best = max(rivals, key=lambda p: (on[p], p), default=None)
+    if best is not None and on[best] > lw_mass:
         return {
             "label": "wrong write",
             "write_pos": best,
             "bit": VOCAB[t[best + 1]],
             "same_bit": t[best + 1] == t[lw + 1],
             "distance": read_pos - best,
-            "mass": round(pairs[best], 4),
+            "mass": round(on[best], 4),
         }
-    start = pairs[0] if lw >= START_TOKENS else 0.0
+    start = on[0] if lw >= START_TOKENS else 0.0
     if start >= 0.3 and start > lw_mass:
         return {"label": "start drift", "mass": round(start, 4)}
     if lw_mass < low:
-        ent = -sum(m * math.log(max(m, 1e-12)) for m in pairs.values())
+        ent = -sum(float(m) * math.log(max(float(m), 1e-12)) for m in r)
         return {
             "label": "dilution",
             "last_write_mass": round(lw_mass, 4),
             "typical": round(typical, 4),
             "entropy": round(ent, 3),
         }
-    return {"label": "other", "max_pair_mass": round(pairs[best], 4), "at": best}
+    at = int(r.argmax())
+    return {"label": "other", "max_mass": round(float(r[at]), 4), "at": at}
 
 
 def blamed_head(heads: list[dict], per_head: dict[str, dict]) -> dict:
@@ -156,7 +160,7 @@ def blamed_head(heads: list[dict], per_head: dict[str, dict]) -> dict:
     return max(
         abnormal,
         key=lambda h: (
-            bool(per_head.get(h["head"], {}).get("fixed")),
+            bool(per_head.get(h["head"], {}).get("fixes_read")),
             h["typical_last_write_mass"] - h["last_write_mass"],
         ),
     )
@@ -183,33 +187,32 @@ class Diagnoser:
         self.ffl = ffl
         self.ref = reference_stats(ffl, seq_len, n=n_reference)
 
-    def patch_to_last_write(
+    def force_carrier(
         self,
         tokens: Int[Tensor, " seq"],
         read_pos: int,
         heads: list[tuple[int, int]],
         check: HookCheck | None = None,
     ) -> tuple[str, float]:
-        """Rerun with ``heads`` attending only to the last write at the read (split between
-        its ``w`` and its bit as on correct reads); the new prediction and margin. ``check``
-        (one per glitch, shared by its calls) proves the pattern hooks fired and took effect."""
+        """Rerun with ``heads`` attending only to the carrier of the last write at the read;
+        the new prediction and margin. ``check`` (one per glitch, shared by its calls) proves
+        the pattern hooks fired and took effect."""
         x = tokens[None].to(self.ffl.device)
-        check = check or HookCheck(self.ffl.hooked, "diagnose (patch_to_last_write)", x)
+        check = check or HookCheck(self.ffl.hooked, "diagnose (force_carrier)", x)
         lw = int(last_write_pos(tokens[None])[0, read_pos])
+        key = min(lw + self.ref.carrier, read_pos)
         by_layer: dict[int, list[int]] = {}
         for l, h in heads:
             by_layer.setdefault(l, []).append(h)
 
         def make(layer):
-            def fix(pattern, hook):
+            def force(pattern, hook):
                 for h in by_layer[layer]:
-                    share = float(self.ref.w_share[layer, h])
                     pattern[:, h, read_pos, :] = 0.0
-                    pattern[:, h, read_pos, lw] = share
-                    pattern[:, h, read_pos, lw + 1] = 1.0 - share
+                    pattern[:, h, read_pos, key] = 1.0
                 return pattern
 
-            return fix
+            return force
 
         hooks = [(PATTERN.format(l=l), make(l)) for l in by_layer]
         with torch.inference_mode():
@@ -224,7 +227,8 @@ class Diagnoser:
     def patch_clean_output(self, tokens: Int[Tensor, " seq"], read_pos: int) -> dict:
         """Put each read head's output (``hook_z``, all positions) from the clean counterpart
         into the glitch run with :func:`ffinterp.analysis.patching.activation_patch`: does
-        the read come out right?"""
+        the read come out right? Not applicable when the counterpart is no clean run: the
+        model gets it wrong too (its logit difference is not positive), or it is the glitch."""
         from ffinterp.analysis.patching import activation_patch
 
         clean = clean_counterpart(tokens, read_pos)
@@ -232,25 +236,33 @@ class Diagnoser:
             return {"applicable": False, "why": "the only write is the opening one: no clean history"}
         lw = int(last_write_pos(tokens[None])[0, read_pos])
         bit = int(tokens[lw + 1])
+        sc = score_tokens(self.ffl.fast, clean[None], device=self.ffl.device)
+        margin = float(sc.margin[sc.reads.pos == read_pos][0])
+        out = {"clean_text": str(to_text(clean)), "clean_margin": round(margin, 4)}
+        if margin <= 0:
+            why = f"the model gets the clean counterpart wrong too (margin {margin:+.2f})"
+            return {"applicable": False, "why": why, **out}
         pair = Pair(clean, tokens, read_pos, bit, bit, lw, lw, kind="glitch")
         try:
             res = activation_patch(self.ffl, pair, "z", by_pos=False)
         except DeadHookError:
             raise
-        except FFInterpError as e:
-            return {"applicable": False, "why": str(e)}
+        except FFInterpError as e:  # e.g. both runs give the same logit difference
+            return {"applicable": False, "why": str(e), **out}
         base = res.baselines
         c, g = base["clean logit_diff"], base["corrupted logit_diff"]
-        out = {"applicable": True, "clean_text": str(to_text(clean)), "clean_logit_diff": round(c, 4)}
-        out["glitch_logit_diff"] = round(g, 4)
+        out.update(clean_logit_diff=round(c, 4), glitch_logit_diff=round(g, 4))
         heads = {}
         for l, h in self.ref.read_heads:
             v = float(res.values[l, h])
-            heads[head_name(l, h)] = {"restored": round(v, 4), "fixed": g + v * (c - g) > 0}
-        out["per_head"] = heads
-        out["fixed"] = c > 0 and any(x["fixed"] for x in heads.values())
-        out["top_sites"] = self._top_sites(pair, res.values, c, g)
-        return out
+            heads[head_name(l, h)] = {"restored": round(v, 4), "fixes_read": g + v * (c - g) > 0}
+        return {
+            "applicable": True,
+            **out,
+            "per_head": heads,
+            "fixes_read": any(x["fixes_read"] for x in heads.values()),
+            "top_sites": self._top_sites(pair, res.values, c, g),
+        }
 
     def _top_sites(
         self, pair: Pair, head_values: Tensor, clean: float, glitch: float, k: int = 3
@@ -272,8 +284,11 @@ class Diagnoser:
     def diagnose(self, tokens: Int[Tensor, " seq"], read_pos: int) -> dict:
         """The diagnosis stored with a glitch in ``glitches.jsonl``."""
         tokens = torch.as_tensor(tokens).cpu().long()
+        carrier = self.ref.carrier
         with _patterns_cached("diagnose"):
-            ra = read_attention(self.ffl, tokens[None], top_k=3, keep_rows=True, batch_size=1)
+            ra = read_attention(
+                self.ffl, tokens[None], top_k=3, keep_rows=True, batch_size=1, carrier=carrier
+            )
         k = int((ra.reads.pos == read_pos).nonzero()[0])
         heads = []
         for l, h in self.ref.read_heads:
@@ -282,34 +297,41 @@ class Diagnoser:
             heads.append(
                 {
                     "head": head_name(l, h),
+                    "carrier": offset_label(carrier),
+                    "carrier_offset": carrier,
                     "last_write_mass": round(float(ra.last_write_mass[k, l, h]), 4),
+                    "write_mass": round(float(ra.write_mass[k, l, h]), 4),
                     "typical_last_write_mass": round(typical, 4),
                     "p05_last_write_mass": round(float(self.ref.p05[l, h]), 4),
                     "categories": {c: round(v, 4) for c, v in ra.categories_of(k, l, h).items()},
                     "top_positions": [{**p, "mass": round(p["mass"], 4)} for p in ra.top(k, l, h)],
-                    "mode": failure_mode(ra.rows[k, l, h], tokens, read_pos, typical, low),
+                    "mode": failure_mode(ra.rows[k, l, h], tokens, read_pos, typical, low, carrier),
                 }
             )
-        check = HookCheck(self.ffl.hooked, "diagnose (patch_to_last_write)", tokens[None].to(self.ffl.device))
-        pred, margin = self.patch_to_last_write(tokens, read_pos, self.ref.read_heads, check)
+        check = HookCheck(self.ffl.hooked, "diagnose (force_carrier)", tokens[None].to(self.ffl.device))
+        pred, margin = self.force_carrier(tokens, read_pos, self.ref.read_heads, check)
         causal = {
-            "intervention": "read heads attend only to the last write at the read",
-            "heads": [h["head"] for h in heads],
-            "prediction": pred,
-            "margin": round(margin, 4),
-            "fixed": margin > 0,
+            "force_carrier": {
+                "intervention": f"the read heads attend only to the last write's carrier "
+                f"({offset_label(carrier)}) at the read",
+                "heads": [h["head"] for h in heads],
+                "prediction": pred,
+                "margin": round(margin, 4),
+                "fixes_read": margin > 0,
+            },
+            "clean_output": self.patch_clean_output(tokens, read_pos),
         }
-        causal["clean_output"] = self.patch_clean_output(tokens, read_pos)
+        per_head = {}
         if len(self.ref.read_heads) > 1:
-            causal["per_head"] = {}
             for lh in self.ref.read_heads:
-                p1, m1 = self.patch_to_last_write(tokens, read_pos, [lh], check)
-                one = {"prediction": p1, "margin": round(m1, 4), "fixed": m1 > 0}
-                causal["per_head"][head_name(*lh)] = one
-        blamed = blamed_head(heads, causal.get("per_head", {}))
+                p1, m1 = self.force_carrier(tokens, read_pos, [lh], check)
+                per_head[head_name(*lh)] = {"prediction": p1, "margin": round(m1, 4), "fixes_read": m1 > 0}
+            causal["force_carrier_per_head"] = per_head
+        blamed = blamed_head(heads, per_head)
         return {
             "label": blamed["mode"]["label"],
             "read_heads": heads,
+            "carrier": offset_label(carrier),
             "mode": {**blamed["mode"], "head": blamed["head"]},
             "causal": causal,
             "reference_reads": self.ref.n_reads,

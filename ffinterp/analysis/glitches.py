@@ -621,9 +621,18 @@ class GlitchFinder:
             "glitches": len(self.glitches),
             "distinct_minimized": len({g["minimized"]["text"] for g in self.glitches if g.get("minimized")}),
             "mean_minimized_length": (sum(mins) / len(mins)) if mins else None,
-            "best_margin": min(
+            # the table's best row; the most negative margin among all reads scored (kept or
+            # not, verified or not) is named apart
+            "best_margin": min((g["margin"] for g in self.glitches), default=None),
+            "best_margin_scored": min(
                 (s["best_margin"] for s in st["strategies"].values() if s["best_margin"] is not None),
                 default=None,
+            ),
+            "kept": (
+                f"the first {self.max_glitches} verified glitches in search order (max_glitches reached); "
+                "the table sorts them by margin"
+                if len(self.glitches) >= self.max_glitches
+                else "every verified glitch found"
             ),
             "strategies": per,
             "minimize_scored": st["minimize_scored"],
@@ -634,6 +643,7 @@ class GlitchFinder:
             "rate_by_decoys": _rates(st["decoys"], DECOY_EDGES),
             "wall_s": st["wall_s"],
             "max_glitches": self.max_glitches,
+            "read_heads": self._diagnoser.ref.detection if self._diagnoser is not None else None,
         }
 
 

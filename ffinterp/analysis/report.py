@@ -44,8 +44,40 @@ def best_clean_patch(diagnosis: dict) -> str:
     """The component whose clean-counterpart output best repairs the read, and the read's
     logit difference after that patch (> 0: repaired); "-" when not measured."""
     clean = (diagnosis.get("causal") or {}).get("clean_output") or {}
+    if clean and not clean.get("applicable"):
+        m = clean.get("clean_margin")
+        if m is None:
+            return "n/a: no clean history"
+        return f"n/a: counterpart wrong too ({m:+.2f})" if m <= 0 else "n/a: counterpart changes nothing"
     top = (clean.get("top_sites") or [None])[0]
     return f"{top['site']} {top['logit_diff']:+.2f}" if top else "-"
+
+
+def forced_fixes(diagnosis: dict) -> bool | None:
+    """Whether forcing the read heads onto the last write's carrier fixes the read (None: not
+    measured)."""
+    return ((diagnosis.get("causal") or {}).get("force_carrier") or {}).get("fixes_read")
+
+
+LEGEND = (
+    ("margin", "logit of the correct bit minus the largest other logit at the read; < 0 is an error"),
+    ("gap", "tokens from the last write's w to the read"),
+    ("decoys", "earlier writes whose bit is the opposite of the last write's"),
+    (
+        "mode",
+        "how the read head's attention failed, judged on each write's carrier: wrong write (an "
+        "earlier write's carrier got more), start drift (the opening write's), dilution (the last "
+        "write's carrier leads but below its 5th percentile on correct reads), other (attention "
+        "looks normal)",
+    ),
+    ("forced fixes", "does forcing the read heads onto the last write's carrier at the read fix it?"),
+    (
+        "best clean patch",
+        "the head or MLP whose output from the clean counterpart (earlier writes made ignores) best "
+        "repairs the read, and the read's logit difference after it; n/a when the model gets the "
+        "counterpart wrong too",
+    ),
+)
 
 
 class GlitchReport:
@@ -91,13 +123,13 @@ class GlitchReport:
 
     def table(self, n: int = 10) -> str:
         """A terminal table of the top glitches."""
-        head = ("#", "strategy", "read", "gap", "decoys", "exp", "pred", "margin", "min len", "mode", "fixed",
-                "best clean patch")  # fmt: skip
+        head = ("#", "strategy", "read", "gap", "decoys", "exp", "pred", "margin", "min len", "mode",
+                "forced fixes", "best clean patch")  # fmt: skip
         rows = [head]
         for g in self.top(n):
             d = g.get("diagnosis") or {}
             m = g.get("minimized") or {}
-            fixed = (d.get("causal") or {}).get("fixed")
+            fixed = forced_fixes(d)
             rows.append(
                 (
                     str(g["id"]),
@@ -152,8 +184,10 @@ class GlitchReport:
         fig.update_layout(height=380, margin=dict(l=60, r=20, t=40, b=60), template="plotly_white")
         return fig
 
-    def heatmap(self, k: int):
-        """Attention of every head from glitch ``k``'s read (rows) over the keys (columns)."""
+    def heatmap(self, k: int, window: int = 24):
+        """Attention of every head from glitch ``k``'s read (rows) over the keys (columns): the
+        keys from ``window`` tokens before the last write to the read (long gaps are cut in the
+        middle), the last write's carrier boxed."""
         from ffinterp.analysis.diagnose import attention_rows
         from ffinterp.language import from_text
         from ffinterp.viz import heatmap, token_labels
@@ -165,24 +199,34 @@ class GlitchReport:
         pos = g["read_pos"]
         rows = attention_rows(self.model, tokens[None], torch.tensor([pos]))[0]  # layer head key
         n_layer, n_head = rows.shape[:2]
-        read_heads = {h["head"] for h in (g.get("diagnosis") or {}).get("read_heads", [])}
+        d = g.get("diagnosis") or {}
+        read_heads = {h["head"] for h in d.get("read_heads", [])}
+        first = (d.get("read_heads") or [{}])[0]
+        carrier, offset = first.get("carrier"), first.get("carrier_offset", 1)
         names = [f"L{l}H{h}" for l in range(n_layer) for h in range(n_head)]
         labels = [f"{n} *" if n in read_heads else n for n in names]
-        z = rows.reshape(n_layer * n_head, -1)[:, : pos + 1]
         lw = g["last_write_pos"]
+        key = min(lw + offset, pos)
+        lo = max(0, lw - window)
+        keep = list(range(lo, min(lw + window, pos + 1)))
+        keep += [p for p in range(max(lw + window, pos + 1 - window), pos + 1) if p not in keep]
+        z = rows.reshape(n_layer * n_head, -1)[:, keep]
+        ticks = token_labels(tokens)
+        xl = [ticks[p] for p in keep]
         fig = heatmap(
             z,
-            token_labels(tokens[: pos + 1]),
+            xl,
             labels,
-            title=f"glitch #{g['id']}: every head's attention from the read at {pos} "
-            f"(last write at {lw}, boxed; * read head)",
-            xlabel="key",
-            ylabel="head",
+            title=f"glitch #{g['id']}: attention from the read at {pos} (query) over keys {lo}..{pos} "
+            f"(last write at {lw}; its carrier, {carrier or 'bit'}, boxed; * read head)",
+            xlabel="key (position: token)",
+            ylabel="head (query: the read)",
             zmin=0,
             zmax=1,
         )
-        fig.add_vrect(x0=lw - 0.5, x1=lw + 1.5, line_color="red", line_width=2, fillcolor="rgba(0,0,0,0)")
-        fig.update_layout(height=160 + 22 * len(labels), xaxis=dict(showticklabels=pos < 130))
+        c = keep.index(key)
+        fig.add_vrect(x0=c - 0.5, x1=c + 0.5, line_color="red", line_width=2, fillcolor="rgba(0,0,0,0)")
+        fig.update_layout(height=160 + 22 * len(labels))
         return fig
 
     # ------------------------------------------------------------ html
@@ -210,12 +254,20 @@ class GlitchReport:
             )
         return _html_table(["", ""], rows)
 
+    def _circuit_html(self) -> str:
+        rh = self.summary.get("read_heads") or {}
+        lines = (rh.get("circuit") or {}).get("summary") or []
+        if not lines:
+            return ""
+        items = "".join(f"<li>{html.escape(x)}</li>" for x in lines)
+        return f"<h2>The read circuit (path patching)</h2><ul>{items}</ul>"
+
     def _glitch_table(self, n: int | None = None) -> str:
         rows = []
         for g in self.top(n or len(self)):
             d = g.get("diagnosis") or {}
             m = g.get("minimized") or {}
-            causal = d.get("causal") or {}
+            fixed = forced_fixes(d)
             rows.append(
                 (
                     g["id"],
@@ -229,12 +281,12 @@ class GlitchReport:
                     f"{g['margin']:+.3f}",
                     f"<code>{html.escape(_short(m.get('text', '-'), 48))}</code>",
                     d.get("label", "-"),
-                    "-" if not causal else ("fixed" if causal.get("fixed") else "not fixed"),
+                    "-" if fixed is None else ("fixed" if fixed else "not fixed"),
                     best_clean_patch(d),
                 )
             )
         head = ["#", "strategy", "sequence", "read", "gap", "decoys", "exp → pred", "p(correct)", "margin",
-                "minimal form", "mode", "causal check", "best clean patch"]  # fmt: skip
+                "minimal form", "mode", "forced fixes", "best clean patch"]  # fmt: skip
         return _html_table(head, rows, escape=False)
 
     def _repr_html_(self) -> str:
@@ -253,7 +305,11 @@ class GlitchReport:
             for g in self.top(max_heatmaps):
                 fig = self.heatmap(self.glitches.index(g))
                 items += [f"<h2>Glitch #{g['id']}: attention at the read</h2>", fig]
-        intro = f"{self._summary_table()}<h2>Verified glitches</h2>{self._glitch_table()}"
+        legend = _html_table(["column", "meaning"], LEGEND)
+        intro = (
+            f"{self._summary_table()}{self._circuit_html()}<h2>Verified glitches</h2>{self._glitch_table()}"
+            f"<h3>How to read the table</h3>{legend}"
+        )
         return figures_html(items, title=f"Attention glitches: {self.summary.get('model')}", intro=intro)
 
     def save_html(self, path: str | os.PathLike, max_heatmaps: int = 20) -> Path:

@@ -51,7 +51,7 @@ def attention(
     seed: int = typer.Option(0, "--seed", help="Seed of the sparse sequence used without --seq."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA if present), cpu, cuda ..."),
 ) -> None:
-    """Print the read heads and their last_write_mass at the chosen reads; plot a heatmap."""
+    """Name the read heads by patching, show where they look and the circuit; plot a heatmap."""
     from ffinterp.language import reads, sample, validate
     from ffinterp.viz import HTML_SUFFIXES, IMAGE_SUFFIXES
 
@@ -84,7 +84,8 @@ def attention(
     else:
         tokens = None
 
-    from ffinterp.analysis.attention import detect_read_heads, full_patterns, head_name, read_attention
+    from ffinterp.analysis.attention import full_patterns, head_name, read_attention
+    from ffinterp.analysis.readheads import detect_read_heads, offset_label
     from ffinterp.hooked import load_model
 
     model = load_model(ckpt, device=device)
@@ -105,7 +106,7 @@ def attention(
     shown = list(rh.heads)
     if layer is not None and (layer, head) not in shown:
         shown.append((layer, head))
-    ra = read_attention(model, tokens, read_heads=rh.heads)
+    ra = read_attention(model, tokens, read_heads=rh.heads, carrier=rh.carrier)
     scores = model.predict_reads(tokens)
 
     typer.echo(f"model: {model.name} ({model.n_layers} layers x {model.n_heads} heads, {model.tl_line})")
@@ -114,6 +115,7 @@ def attention(
     typer.echo("")
     cols = "".join(f"{head_name(*h):>8}" for h in shown)
     header = f"{'read':>5}{'pos':>6}{'gap':>6}{'bit':>5}{'pred':>6}{'p(bit)':>8}{cols}"
+    typer.echo(f"mass on the last write's carrier ({offset_label(rh.carrier)}) at each chosen read:")
     typer.echo(f"{header}  top keys of {head_name(*shown[0])}")
     l0, h0 = shown[0]
     for k in chosen:
