@@ -51,9 +51,8 @@ from ffinterp.analysis.glitches import find_glitches, read_jsonl
 from ffinterp.analysis.patterns import from_glitches, jittered
 from ffinterp.analysis.report import write_json_atomic
 from ffinterp.analysis.search import STRATEGIES, derive_seed
-from ffinterp.analysis.tail import estimate
+from ffinterp.analysis.tail import checked_model, estimate
 from ffinterp.checkpoints import load_checkpoint, model_digest, save_checkpoint
-from ffinterp.device import resolve_device
 from ffinterp.errors import FFInterpError
 from ffinterp.evaluate import clopper_pearson, count_errors, evaluate
 from ffinterp.train import FFLStream, Source, TrainConfig, train
@@ -181,7 +180,7 @@ def _tail_text(t: dict | None) -> str:
     if "refused" in t:
         return "refused"
     if not t.get("reliable"):
-        return f"~{t['per_read']:.1e} (no interval)"
+        return "no error seen (no interval)" if not t.get("hits") else f"~{t['per_read']:.1e} (no interval)"
     return f"{t['per_read']:.1e} [{t['per_read_ci_low']:.1e}, {t['per_read_ci_high']:.1e}]"
 
 
@@ -475,7 +474,7 @@ def _find(model: nn.Module, k: int, rdir: Path, s: HardenSettings, seq_len: int,
         "best_margin": summary["best_margin"],
         "minimal": minimal,
         "new_distributions": [d["distribution"] for d in new],
-        "distributions": list(kept.values())[-s.pool :] if s.pool else [],
+        "distributions": list(kept.values())[-s.pool :],
     }
     write_json_atomic(rdir / "plan.json", plan)
     return plan
@@ -584,15 +583,6 @@ def _measure(model: nn.Module, s: HardenSettings, seq_len: int, dev) -> dict:
 # ---------------------------------------------------------------- the loop
 
 
-def _as_start(ckpt) -> tuple[nn.Module, str]:
-    if isinstance(ckpt, (str, os.PathLike)):
-        return load_checkpoint(ckpt).model, str(ckpt)
-    fast = getattr(ckpt, "fast", ckpt)  # an FFLModel: its fast view
-    if isinstance(fast, nn.Module):
-        return fast, type(fast).__name__
-    raise FFInterpError(f"harden: ckpt must be a checkpoint path or a model, got {type(ckpt).__name__}")
-
-
 def _write_plot(result: HardenResult, png: bool) -> None:
     from ffinterp.viz import ExportError, figures_html, save_figure, save_html
 
@@ -654,17 +644,8 @@ def harden(
         batch_size=batch_size, lr=float(lr), warmup=warmup, ckpt_every=ckpt_every, eval_n=tuple(eval_n),
         estimate_budget=estimate_budget, target_n=target_n, seq_len=seq_len or 0,
     )  # fmt: skip
-    try:
-        dev = resolve_device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("CUDA is not available")
-    except RuntimeError as e:
-        raise FFInterpError(f"harden: device {device!r}: {str(e).splitlines()[0]}") from None
-    start_model, name = _as_start(ckpt)
-    block = getattr(start_model.cfg, "block_size", None)
-    t = s.seq_len or block or 512
-    if block is not None and t > block:
-        raise FFInterpError(f"harden: seq_len {t} exceeds the model's block_size {block}")
+    start_model, t, dev = checked_model(ckpt, s.seq_len or None, device)
+    name = str(ckpt) if isinstance(ckpt, (str, os.PathLike)) else type(start_model).__name__
     out = Path(out)
     s = replace(s, seq_len=t)  # resolved, so a resume that spells it out is the same run
     command = s.command(name, out, device)
