@@ -2,6 +2,12 @@
 
 Batches come from the seeded FFL stream by offset (step * batch), so resuming needs only
 the step, the weights, the optimizer and the dropout RNG: all saved in ``ckpt.pt``.
+
+Beyond FFL(p) and mixtures of them, ``train(..., sources=[...])`` draws every batch from a
+list of :class:`Source` (any seeded, offset-addressable sampler with a share: a family of
+:mod:`ffinterp.analysis.families`, planted glitch patterns, :class:`FFLStream`). Which rows
+of which source make up a step's batch is again a pure function of (seed, step), so resume
+stays bit-exact.
 """
 
 from __future__ import annotations
@@ -10,9 +16,12 @@ import contextlib
 import math
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
@@ -22,7 +31,7 @@ from ffinterp.checkpoints import load_checkpoint, save_checkpoint
 from ffinterp.data import STANDARD_SETS, eval_set
 from ffinterp.device import resolve_device
 from ffinterp.errors import FFInterpError
-from ffinterp.language import Mix, read_mask, reads, sample
+from ffinterp.language import BLOCK_ROWS, Mix, read_mask, reads, sample, validate_batch
 from ffinterp.models.gpt import GPT, PRESETS, preset
 from ffinterp.models.lstm import LSTM, LSTMConfig
 from ffinterp.scoring import score_tokens
@@ -32,7 +41,7 @@ from ffinterp.scoring import score_tokens
 class TrainConfig:
     """Everything that defines a run; stored in the checkpoint's ``config``."""
 
-    preset: str = "tiny"
+    preset: str = "tiny"  # or "init": the architecture of init_from (fine-tuning any checkpoint)
     seq_len: int = 512
     block_size: int = 0  # positions the model holds (0: seq_len); larger for a short-first curriculum
     steps: int = 10_000
@@ -62,8 +71,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.loss not in ("reads", "all"):
             raise ValueError(f"loss must be 'reads' or 'all', got {self.loss!r}")
-        if self.preset not in (*PRESETS, "lstm"):
-            raise ValueError(f"unknown preset {self.preset!r} (known: {', '.join(PRESETS)}, lstm)")
+        if self.preset not in (*PRESETS, "lstm", "init"):
+            raise ValueError(f"unknown preset {self.preset!r} (known: {', '.join(PRESETS)}, lstm, init)")
+        if self.preset == "init" and not self.init_from:
+            raise ValueError("preset 'init' takes the architecture of init_from, which is not given")
         if self.sharpen_anneal not in ("none", "linear"):
             raise ValueError(f"sharpen_anneal must be 'none' or 'linear', got {self.sharpen_anneal!r}")
         if self.sharpen and self.preset == "lstm":
@@ -81,6 +92,28 @@ class TrainConfig:
 
 
 def build(cfg: TrainConfig) -> nn.Module:
+    """A fresh model of ``cfg``'s architecture (weights are set later for ``init_from``).
+
+    Preset ``init`` copies the architecture of ``cfg.init_from`` (position embedding
+    included), with ``cfg``'s dropout rates and at least ``cfg``'s positions: how a model of
+    any shape is fine-tuned (``ffinterp harden``).
+    """
+    if cfg.preset == "init":
+        from ffinterp.pretrained import resolve
+
+        source = load_checkpoint(resolve(cfg.init_from)).model
+        if isinstance(source, LSTM):
+            return LSTM(source.cfg)
+        c = source.cfg
+        return GPT(
+            replace(
+                c,
+                block_size=max(c.block_size, cfg.block_size or cfg.seq_len),
+                embd_dropout=cfg.embd_dropout,
+                attn_dropout=cfg.attn_dropout,
+                resid_dropout=cfg.resid_dropout,
+            )
+        )
     if cfg.preset == "lstm":
         return LSTM(LSTMConfig())
     return GPT(
@@ -108,11 +141,124 @@ def sharpen_weight(cfg: TrainConfig, step: int) -> float:
     return cfg.sharpen
 
 
-def batch_at(cfg: TrainConfig, step: int) -> Int[Tensor, "batch seq"]:
-    """The training batch of a step: rows of the seeded stream(s) at offset step * batch.
+class Sampler(Protocol):
+    """A seeded, offset-addressable stream of sequences: rows ``offset .. offset+n`` of the
+    stream named by ``seed`` are the same whoever asks and in whatever slices (the samplers of
+    :mod:`ffinterp.language` and :mod:`ffinterp.analysis.families` all are)."""
 
-    A mixture splits each batch evenly over its components, each with its own stream.
+    def sample(self, n: int, seq_len: int, *, seed: int, offset: int = 0) -> Int[Tensor, "n seq"]: ...
+
+
+@dataclass(frozen=True)
+class FFLStream:
+    """FFL(p_i) as a :class:`Sampler`: the stream of :func:`ffinterp.language.sample`."""
+
+    p_i: float
+
+    def __post_init__(self) -> None:
+        Mix.ffl(self.p_i)
+
+    def sample(self, n: int, seq_len: int, *, seed: int, offset: int = 0) -> Int[Tensor, "n seq"]:
+        return sample(n, seq_len, self.p_i, seed=seed, offset=offset)
+
+    def __str__(self) -> str:
+        return f"FFL({self.p_i})"
+
+
+@dataclass(frozen=True)
+class Source:
+    """One stream of training sequences and its share of every batch (shares need not sum
+    to 1; they are normalised). ``name`` (default: ``str(sampler)``) is what the checkpoint
+    records and what a resume compares."""
+
+    sampler: Sampler
+    share: float
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.share) and self.share > 0):
+            raise FFInterpError(f"source {self.name or self.sampler}: share must be > 0, got {self.share}")
+        if not callable(getattr(self.sampler, "sample", None)):
+            raise FFInterpError(f"source {self.name or self.sampler}: the sampler has no sample method")
+        if not self.name:
+            object.__setattr__(self, "name", str(self.sampler))
+
+
+def source_counts(shares: Sequence[float], batch_size: int, seed: int, step: int) -> list[int]:
+    """Rows of each source in the batch of ``step``: ``floor`` or ``ceil`` of
+    ``share * batch_size`` (systematic sampling, its offset seeded by (seed, step)), so every
+    batch holds each share as nearly as it can and the long-run shares are exact."""
+    u = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, step, 7]))).random()
+    edges = np.cumsum(np.asarray(shares, dtype=np.float64))
+    edges /= edges[-1]
+    which = np.searchsorted(edges, (u + np.arange(batch_size)) / batch_size, side="right")
+    return np.bincount(which.clip(max=len(edges) - 1), minlength=len(edges)).tolist()
+
+
+class Batches:
+    """The training batch of every step, a pure function of (``cfg.seed``, step).
+
+    Without ``sources``: rows of the seeded FFL stream(s) at offset step * batch (a mixture
+    splits each batch evenly over its components, each with its own stream). With
+    ``sources``: source ``k`` gives :func:`source_counts` rows from its own stream (seed
+    ``cfg.seed * 1000 + k``) at offset step * batch; the rest of that slice is never used.
+    Samplers generate whole blocks, so the last block of each source is kept.
     """
+
+    def __init__(self, cfg: TrainConfig, sources: Sequence[Source] | None = None):
+        self.cfg = cfg
+        self.sources = list(sources or [])
+        self._blocks: dict[int, tuple[int, Tensor]] = {}
+        for k, src in enumerate(self.sources):  # a broken sampler fails here, not mid-run
+            try:
+                validate_batch(self._rows(k, 0, 2))
+            except FFInterpError as e:
+                raise FFInterpError(f"source {src.name}: {e}") from None
+
+    def _seed(self, k: int) -> int:
+        return self.cfg.seed * 1000 + k
+
+    def _rows(self, k: int, offset: int, n: int) -> Tensor:
+        parts, end = [], offset + n
+        while offset < end:
+            block = offset // BLOCK_ROWS
+            cached = self._blocks.get(k)
+            if cached is None or cached[0] != block:
+                tokens = self.sources[k].sampler.sample(
+                    BLOCK_ROWS, self.cfg.seq_len, seed=self._seed(k), offset=block * BLOCK_ROWS
+                )
+                if not isinstance(tokens, Tensor) or tuple(tokens.shape) != (BLOCK_ROWS, self.cfg.seq_len):
+                    raise FFInterpError(
+                        f"source {self.sources[k].name}: sample({BLOCK_ROWS}, {self.cfg.seq_len}) gave "
+                        f"shape {tuple(getattr(tokens, 'shape', ()))}"
+                    )
+                cached = self._blocks[k] = (block, tokens.long())
+            stop = min(end, (block + 1) * BLOCK_ROWS)
+            parts.append(cached[1][offset - block * BLOCK_ROWS : stop - block * BLOCK_ROWS])
+            offset = stop
+        return torch.cat(parts)
+
+    def __call__(self, step: int) -> Int[Tensor, "batch seq"]:
+        cfg = self.cfg
+        if not self.sources:
+            return _ffl_batch(cfg, step)
+        counts = source_counts([s.share for s in self.sources], cfg.batch_size, cfg.seed, step)
+        return torch.cat([self._rows(k, step * cfg.batch_size, n) for k, n in enumerate(counts) if n])
+
+    def describe(self) -> list[list]:
+        """[name, normalised share] of every source (what the checkpoint records)."""
+        total = sum(s.share for s in self.sources)
+        return [[s.name, s.share / total] for s in self.sources]
+
+
+def batch_at(
+    cfg: TrainConfig, step: int, sources: Sequence[Source] | None = None
+) -> Int[Tensor, "batch seq"]:
+    """The training batch of a step (see :class:`Batches`)."""
+    return Batches(cfg, sources)(step)
+
+
+def _ffl_batch(cfg: TrainConfig, step: int) -> Int[Tensor, "batch seq"]:
     mixes = cfg.mixture or [cfg.p_i]
     per = [cfg.batch_size // len(mixes) + (k < cfg.batch_size % len(mixes)) for k in range(len(mixes))]
     parts = [
@@ -222,8 +368,13 @@ def train(
     resume: bool = False,
     progress: bool = True,
     command: str = "",
+    sources: Sequence[Source] | None = None,
 ) -> TrainResult:
-    """Train (or resume) a model; ``out/ckpt.pt`` is always a valid checkpoint."""
+    """Train (or resume) a model; ``out/ckpt.pt`` is always a valid checkpoint.
+
+    ``sources`` replaces ``cfg.p_i`` and ``cfg.mixture`` as the batch source (see
+    :class:`Batches`); a resume must be given the same sources (names and shares).
+    """
     out = Path(out)
     path = out / "ckpt.pt"
     device = resolve_device(cfg.device)
@@ -231,12 +382,21 @@ def train(
     model = build(cfg)
     opt = make_optimizer(model, cfg)
     start, wall_before, history = 0, 0.0, []
+    batches = Batches(cfg, sources)
+    described = batches.describe() if batches.sources else None
     if resume and path.exists():
         loaded = load_checkpoint(path)
         saved = TrainConfig(
             **{**asdict(cfg), **loaded.raw.get("config", {}), "steps": cfg.steps, "device": cfg.device}
         )
+        had = loaded.meta.get("train", {}).get("sources")
+        if had != described:
+            raise FFInterpError(
+                f"{path}: cannot resume: it was trained on other batch sources "
+                f"({_sources_text(had)}), not on {_sources_text(described)}"
+            )
         cfg = saved
+        batches = Batches(cfg, sources)
         model = build(cfg)
         model.load_state_dict(loaded.model.state_dict())
         opt = make_optimizer(model, cfg)
@@ -259,7 +419,8 @@ def train(
     def save(final_eval: dict | None = None) -> None:
         meta = {
             "train": {
-                "distribution": cfg.distribution,
+                "distribution": _sources_text(described) if described else cfg.distribution,
+                "sources": described,
                 "regularizers": {
                     "embd_dropout": cfg.embd_dropout,
                     "attn_dropout": cfg.attn_dropout,
@@ -301,7 +462,7 @@ def train(
     old_term = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
     try:
         while step < cfg.steps:
-            tokens = batch_at(cfg, step).to(device)
+            tokens = batches(step).to(device)
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, step)
             with autocast:
@@ -334,6 +495,12 @@ def train(
     return TrainResult(path, step, wall_before + time.perf_counter() - t0, final, interrupted)
 
 
+def _sources_text(described: list[list] | None) -> str:
+    if not described:
+        return "FFL(p_i) or its mixture"
+    return "mixture of " + ", ".join(f"{share:.3g} {name}" for name, share in described)
+
+
 def _main_thread() -> bool:
     import threading
 
@@ -354,4 +521,18 @@ def read_accuracy(model: nn.Module, tokens: Int[Tensor, "batch seq"]) -> float:
     return 1.0 - float(s.error.float().mean()) if len(s) else math.nan
 
 
-__all__ = ["TrainConfig", "TrainResult", "train", "reads", "lr_at", "attention_entropy", "training_loss"]
+__all__ = [
+    "Batches",
+    "FFLStream",
+    "Sampler",
+    "Source",
+    "TrainConfig",
+    "TrainResult",
+    "attention_entropy",
+    "batch_at",
+    "lr_at",
+    "reads",
+    "source_counts",
+    "train",
+    "training_loss",
+]

@@ -94,6 +94,8 @@ def test_find_glitches_strategy_reports_real_glitches_and_the_distribution(tmp_p
     summary = json.loads((tmp_path / "summary.json").read_text())
     findings = summary["strategies"]["distribution"]["findings"]
     assert findings and findings[0]["distribution"].startswith("Piecewise(")
+    rebuilt = Piecewise(**findings[0]["parameters"])  # the exact family, back from the JSON
+    assert str(rebuilt) == findings[0]["distribution"] and rebuilt.ones is not None
 
 
 def test_cli_maximize_json_and_bad_flags(tmp_path, capsys):

@@ -14,12 +14,16 @@ from ffinterp.errors import FFInterpError
 from ffinterp.language import W, read_mask
 from ffinterp.models.gpt import GPT
 from ffinterp.train import (
+    Batches,
+    FFLStream,
+    Source,
     TrainConfig,
     attention_entropy,
     batch_at,
     build,
     lr_at,
     read_accuracy,
+    source_counts,
     train,
     training_loss,
 )
@@ -202,3 +206,76 @@ def test_block_size_holds_more_positions_than_the_training_length(tmp_path):
     assert load_checkpoint(result.path).model.cfg.block_size == 64
     with pytest.raises(ValueError, match="block_size 8 is shorter than seq_len 16"):
         TrainConfig(**SMALL, block_size=8)
+
+
+# ---------------------------------------------------------------- batch sources
+
+
+def _sources(*shares_and_p: tuple[float, float]) -> list[Source]:
+    return [Source(FFLStream(p), share) for share, p in shares_and_p]
+
+
+def test_source_batches_are_a_pure_function_of_seed_and_step_and_keep_their_shares():
+    from ffinterp.analysis.families import Piecewise
+
+    cfg = TrainConfig(**{**SMALL, "batch_size": 16, "seq_len": 64})
+    piecewise = Piecewise.uniform(2, 0.45, 0.45, 0.1, one=0.9)  # dense, mostly 1-bits
+    sources = [*_sources((0.5, 0.98), (0.3, 0.1)), Source(piecewise, 0.2)]
+    batches = Batches(cfg, sources)
+    steps = range(0, 400)
+    rows = [batches(k) for k in steps]
+    # A fresh object (empty block cache) and another order give the same batches.
+    for k in (399, 0, 64, 65):
+        assert torch.equal(batch_at(cfg, k, sources), rows[k])
+    counts = torch.tensor([source_counts([0.5, 0.3, 0.2], 16, cfg.seed, k) for k in steps])
+    assert set(counts[:, 0].tolist()) == {8} and set(counts[:, 1].tolist()) <= {4, 5}
+    assert counts.sum(1).eq(16).all()
+    assert counts.float().mean(0).tolist() == pytest.approx([8.0, 4.8, 3.2], abs=0.1)
+    # Each source's rows are its own distribution: FFL(0.98) first, then dense ones.
+    writes = (rows[3][:, 0::2] == W).float().mean(1)
+    n0 = source_counts([0.5, 0.3, 0.2], 16, cfg.seed, 3)[0]
+    assert (writes[:n0] < 0.15).all() and (writes[n0:] > 0.2).all()
+    assert not torch.equal(rows[0], rows[1])
+    assert batches.describe()[2] == [str(piecewise), pytest.approx(0.2)]
+
+
+def test_training_on_sources_resumes_bit_exactly_and_refuses_other_sources(tmp_path):
+    sources = _sources((0.5, 0.8), (0.5, 0.1))
+    cfg = TrainConfig(steps=6, **SMALL)
+    straight = train(cfg, tmp_path / "a", progress=False, sources=sources).path
+    train(replace(cfg, steps=3), tmp_path / "b", progress=False, sources=sources)
+    resumed = train(cfg, tmp_path / "b", resume=True, progress=False, sources=sources).path
+    a, b = load_checkpoint(straight), load_checkpoint(resumed)
+    for (name, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert torch.equal(x, y), name
+    assert b.meta["train"]["distribution"] == "mixture of 0.5 FFL(0.8), 0.5 FFL(0.1)"
+    with pytest.raises(FFInterpError, match="trained on other batch sources"):
+        train(cfg, tmp_path / "b", resume=True, progress=False, sources=_sources((0.5, 0.8), (0.5, 0.9)))
+    with pytest.raises(FFInterpError, match="trained on other batch sources"):
+        train(cfg, tmp_path / "b", resume=True, progress=False)  # FFL(p_i) is another source too
+
+
+def test_a_broken_source_is_refused_before_training():
+    class Garbage:
+        def sample(self, n, seq_len, *, seed, offset=0):
+            return torch.full((n, seq_len), 2)  # all ignores: no first write
+
+    with pytest.raises(FFInterpError, match="source garbage: sequence 0: position 1: missing bit"):
+        Batches(TrainConfig(**SMALL), [Source(Garbage(), 1.0, "garbage")])
+    with pytest.raises(FFInterpError, match="share must be > 0"):
+        Source(FFLStream(0.8), 0.0)
+
+
+def test_preset_init_takes_the_architecture_of_the_source(tmp_path):
+    from ffinterp.models.constructed import save_circuit
+
+    save_circuit(tmp_path / "circuit.pt", 8.0, block_size=16)
+    cfg = TrainConfig(**{**SMALL, "lr": 0.0}, steps=1, preset="init", init_from=str(tmp_path / "circuit.pt"))
+    model = load_checkpoint(train(cfg, tmp_path / "ft", progress=False).path).model
+    circuit = load_checkpoint(tmp_path / "circuit.pt").model
+    # attention-only, no LayerNorm, d 8: no preset has that shape (dropout rates: the config's)
+    assert model.cfg == replace(circuit.cfg, embd_dropout=0.0, attn_dropout=0.0, resid_dropout=0.0)
+    for (name, x), (_, y) in zip(model.state_dict().items(), circuit.state_dict().items()):
+        assert torch.equal(x, y), name
+    with pytest.raises(ValueError, match="preset 'init' takes the architecture of init_from"):
+        TrainConfig(preset="init")

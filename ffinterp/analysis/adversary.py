@@ -30,7 +30,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -184,8 +184,6 @@ class AdversaryResult:
     trace: dict
 
     def to_dict(self) -> dict:
-        from dataclasses import asdict
-
         return asdict(self)
 
     def lines(self) -> list[str]:
@@ -279,8 +277,9 @@ class Distribution(Strategy):
     fresh sample of ``confirm`` sequences from its best distribution.
 
     Every sample is scored through the context, so its errors are verified, minimised and
-    diagnosed like any other strategy's; the best distribution and its confirmed rates are
-    the unit's finding (``summary.json``: ``strategies.distribution.findings``).
+    diagnosed like any other strategy's; the best distribution (its text and its exact
+    ``parameters``) and its confirmed rates are the unit's finding (``summary.json``:
+    ``strategies.distribution.findings``), from which ``ffinterp harden`` trains.
     """
 
     name: ClassVar[str] = "distribution"
@@ -305,6 +304,8 @@ class Distribution(Strategy):
         finding = {
             "unit": unit,
             "distribution": str(best.family),
+            # the fields of the Piecewise family, exactly: Piecewise(**parameters) rebuilds it
+            "parameters": asdict(best.family),
             "search_scored": trace.scored[-1] if trace.scored else 0,
         }
         if not ctx.done:

@@ -89,6 +89,7 @@ from ffinterp.cli import attention as _attention  # noqa: E402,F401
 from ffinterp.cli import estimate as _estimate  # noqa: E402,F401
 from ffinterp.cli import eval as _eval  # noqa: E402,F401
 from ffinterp.cli import glitches as _glitches  # noqa: E402,F401
+from ffinterp.cli import harden as _harden  # noqa: E402,F401
 from ffinterp.cli import patch as _patch  # noqa: E402,F401
 from ffinterp.cli import pretrained as _pretrained  # noqa: E402,F401
 from ffinterp.cli import sample as _sample  # noqa: E402,F401
