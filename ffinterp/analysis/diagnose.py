@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Float, Int
@@ -27,7 +27,7 @@ from torch import Tensor
 from ffinterp.analysis.attention import PATTERN, START_TOKENS, head_name, read_attention, read_rows
 from ffinterp.analysis.hookcheck import HookCheck
 from ffinterp.analysis.pairs import Pair, relabel
-from ffinterp.analysis.readheads import carrier_positions, detect_read_heads, offset_label
+from ffinterp.analysis.readheads import detect_read_heads, offset_label
 from ffinterp.data import eval_set
 from ffinterp.errors import DeadHookError, FFInterpError
 from ffinterp.language import VOCAB, I, Reads, W, last_write_pos, reads, to_text
@@ -65,15 +65,20 @@ def attention_rows(
 
 @dataclass
 class ReferenceStats:
-    """The read heads named by effect on a reference set, their carrier, and per head on the
-    reads the model gets right: mean and 5th percentile of the mass on the carrier."""
+    """The read heads named by effect on a reference set, their carrier, the companion heads
+    (needed, carrying no bit) and where they look, and per head on the reads the model gets
+    right: mean and 5th percentile of the mass on its target (carrier, or companion's key)."""
 
     mean: Float[Tensor, "layer head"]
     p05: Float[Tensor, "layer head"]
     read_heads: list[tuple[int, int]]
     carrier: int
-    detection: dict  # ReadHeads.to_dict(): effects, carrier, circuit
+    detection: dict  # ReadHeads.to_dict(): effects, carrier, companions, circuit
     n_reads: int
+    targets: dict[tuple[int, int], int] = field(default_factory=dict)  # head -> offset it looks at
+
+    def target(self, head: tuple[int, int]) -> int:
+        return self.targets.get(tuple(head), self.carrier)
 
 
 def reference_stats(ffl, seq_len: int, n: int = 64, chunk: int = 8, circuit: bool = True) -> ReferenceStats:
@@ -81,22 +86,26 @@ def reference_stats(ffl, seq_len: int, n: int = 64, chunk: int = 8, circuit: boo
     sequences at ``seq_len``), and measure how every head attends to the carrier on the
     reads the model gets right."""
     rh = detect_read_heads(ffl, "in", None, n=n, seq_len=seq_len, circuit=circuit)
+    targets = rh.targets
+    offset = torch.full((ffl.n_layers, ffl.n_heads), rh.carrier)
+    for (l, h), t in targets.items():
+        offset[l, h] = t
     tokens = eval_set("in", n, seq_len)
     masses, oks = [], []
     for part in tokens.split(chunk):
         rd = reads(part)
         with _patterns_cached("reference_stats"):
             rows = read_rows(ffl, part, rd).cpu()
-        idx = torch.arange(len(rd))
-        masses.append(rows[idx, :, :, carrier_positions(rd.write_pos, rd.pos, rh.carrier)])
+        key = torch.minimum(rd.write_pos[:, None, None] + offset, rd.pos[:, None, None])  # read layer head
+        masses.append(rows.gather(-1, key[..., None])[..., 0])
         oks.append(~score_tokens(ffl.fast, part, device=ffl.device).error)
     m, ok = torch.cat(masses), torch.cat(oks)
     if not ok.any():  # a model that gets nothing right: no typical behaviour to compare
         z = torch.zeros(ffl.n_layers, ffl.n_heads)
-        return ReferenceStats(z, z, rh.heads, rh.carrier, rh.to_dict(), 0)
+        return ReferenceStats(z, z, rh.heads, rh.carrier, rh.to_dict(), 0, targets)
     m = m[ok]
     return ReferenceStats(
-        m.mean(0), torch.quantile(m, 0.05, dim=0), rh.heads, rh.carrier, rh.to_dict(), len(m)
+        m.mean(0), torch.quantile(m, 0.05, dim=0), rh.heads, rh.carrier, rh.to_dict(), len(m), targets
     )
 
 
@@ -150,19 +159,18 @@ def failure_mode(
 
 
 def blamed_head(heads: list[dict], per_head: dict[str, dict]) -> dict:
-    """The read head a glitch is put down to. With several read heads, the one that looks
-    normal must not hide the one that failed: prefer a head whose attention is abnormal and
-    whose own fix restores the read, then any abnormal head (the largest drop in
-    ``last_write_mass`` from its typical value), then the first read head."""
+    """The head (read head or companion) a glitch is put down to. One that looks normal must
+    not hide one that failed: prefer a head whose attention is abnormal and whose own forcing
+    fixes the read, then any abnormal head (the largest drop in mass on its target from its
+    typical value), then a normal-looking head whose forcing fixes it, then the first read
+    head."""
+    fixes = {h["head"] for h in heads if per_head.get(h["head"], {}).get("fixes_read")}
     abnormal = [h for h in heads if h["mode"]["label"] != "other"]
     if not abnormal:
-        return heads[0]
+        return next((h for h in heads if h["head"] in fixes), heads[0])
     return max(
         abnormal,
-        key=lambda h: (
-            bool(per_head.get(h["head"], {}).get("fixes_read")),
-            h["typical_last_write_mass"] - h["last_write_mass"],
-        ),
+        key=lambda h: (h["head"] in fixes, h["typical_last_write_mass"] - h["last_write_mass"]),
     )
 
 
@@ -194,13 +202,12 @@ class Diagnoser:
         heads: list[tuple[int, int]],
         check: HookCheck | None = None,
     ) -> tuple[str, float]:
-        """Rerun with ``heads`` attending only to the carrier of the last write at the read;
-        the new prediction and margin. ``check`` (one per glitch, shared by its calls) proves
-        the pattern hooks fired and took effect."""
+        """Rerun with ``heads`` attending only to their target at the read (a read head: the
+        last write's carrier; a companion: its own typical key); the new prediction and margin.
+        ``check`` (one per glitch, shared by its calls) proves the hooks fired and took effect."""
         x = tokens[None].to(self.ffl.device)
         check = check or HookCheck(self.ffl.hooked, "diagnose (force_carrier)", x)
         lw = int(last_write_pos(tokens[None])[0, read_pos])
-        key = min(lw + self.ref.carrier, read_pos)
         by_layer: dict[int, list[int]] = {}
         for l, h in heads:
             by_layer.setdefault(l, []).append(h)
@@ -209,7 +216,7 @@ class Diagnoser:
             def force(pattern, hook):
                 for h in by_layer[layer]:
                     pattern[:, h, read_pos, :] = 0.0
-                    pattern[:, h, read_pos, key] = 1.0
+                    pattern[:, h, read_pos, min(lw + self.ref.target((layer, h)), read_pos)] = 1.0
                 return pattern
 
             return force
@@ -290,22 +297,25 @@ class Diagnoser:
                 self.ffl, tokens[None], top_k=3, keep_rows=True, batch_size=1, carrier=carrier
             )
         k = int((ra.reads.pos == read_pos).nonzero()[0])
+        lw = int(ra.reads.write_pos[k])
         heads = []
-        for l, h in self.ref.read_heads:
+        for l, h in self.ref.targets or self.ref.read_heads:
+            target = self.ref.target((l, h))
             typical = float(self.ref.mean[l, h])
             low = float(self.ref.p05[l, h]) if self.ref.n_reads else 0.5
             heads.append(
                 {
                     "head": head_name(l, h),
-                    "carrier": offset_label(carrier),
-                    "carrier_offset": carrier,
-                    "last_write_mass": round(float(ra.last_write_mass[k, l, h]), 4),
+                    "role": "read head" if (l, h) in self.ref.read_heads else "companion",
+                    "carrier": offset_label(target),
+                    "carrier_offset": target,
+                    "last_write_mass": round(float(ra.rows[k, l, h, min(lw + target, read_pos)]), 4),
                     "write_mass": round(float(ra.write_mass[k, l, h]), 4),
                     "typical_last_write_mass": round(typical, 4),
                     "p05_last_write_mass": round(float(self.ref.p05[l, h]), 4),
                     "categories": {c: round(v, 4) for c, v in ra.categories_of(k, l, h).items()},
                     "top_positions": [{**p, "mass": round(p["mass"], 4)} for p in ra.top(k, l, h)],
-                    "mode": failure_mode(ra.rows[k, l, h], tokens, read_pos, typical, low, carrier),
+                    "mode": failure_mode(ra.rows[k, l, h], tokens, read_pos, typical, low, target),
                 }
             )
         check = HookCheck(self.ffl.hooked, "diagnose (force_carrier)", tokens[None].to(self.ffl.device))
@@ -322,11 +332,16 @@ class Diagnoser:
             "clean_output": self.patch_clean_output(tokens, read_pos),
         }
         per_head = {}
-        if len(self.ref.read_heads) > 1:
-            for lh in self.ref.read_heads:
+        if len(heads) > 1:  # each read head and companion alone, onto its own target
+            for lh in self.ref.targets:
                 p1, m1 = self.force_carrier(tokens, read_pos, [lh], check)
-                per_head[head_name(*lh)] = {"prediction": p1, "margin": round(m1, 4), "fixes_read": m1 > 0}
-            causal["force_carrier_per_head"] = per_head
+                per_head[head_name(*lh)] = {
+                    "target": offset_label(self.ref.target(lh)),
+                    "prediction": p1,
+                    "margin": round(m1, 4),
+                    "fixes_read": m1 > 0,
+                }
+            causal["force_per_head"] = per_head
         blamed = blamed_head(heads, per_head)
         return {
             "label": blamed["mode"]["label"],

@@ -49,6 +49,9 @@ N_OFFSETS = 8
 OFFSETS = ("w", "bit", *(f"+{k}" for k in range(2, N_OFFSETS)), "later", "before")
 LATER, BEFORE = N_OFFSETS, N_OFFSETS + 1
 THRESHOLD = 0.5
+#: A head the read needs: mean-ablating its output at the read loses this share of the clean
+#: logit difference (half of it: the read then sits at most half as sure).
+NEEDED = 0.5
 
 
 def offset_label(offset: int) -> str:
@@ -117,6 +120,7 @@ class HeadEffects:
     """What each head's output at the read carries, over a batch of flipped pairs."""
 
     restored: Float[Tensor, "layer head"]  # share of the logit difference restored
+    needed: Float[Tensor, "layer head"]  # share of the clean logit difference lost, mean-ablated
     clean_logit_diff: Float[Tensor, " batch"]
     flipped_logit_diff: Float[Tensor, " batch"]
     offsets: Float[Tensor, "layer head offset"]  # mean attention at the read by offset
@@ -140,13 +144,15 @@ def offset_mass(
 
 
 def head_effects(model, fb: FlipBatch, *, batch_size: int = 16) -> HeadEffects:
-    """Patch every head's ``hook_z`` at the read from clean into flipped, one pass per head
-    per chunk of pairs; also the clean run's attention at the read by offset."""
+    """Patch every head's ``hook_z`` at the read from clean into flipped (what it carries), and
+    mean-ablate it at the read in the clean run (whether the read needs it), one pass each per
+    head per chunk of pairs; also the clean run's attention at the read by offset."""
     hk = model.hooked
     if hk is None:
         raise FFInterpError(f"{getattr(model, 'name', 'model')}: no heads to patch (an LSTM)")
     L, H, dev = model.n_layers, model.n_heads, model.device
     gain = torch.zeros(L, H, dtype=torch.float64)
+    lost = torch.zeros(L, H, dtype=torch.float64)
     clean_ld, flip_ld, offs, wmass = [], [], [], []
     z_names = [Z.format(l=l) for l in range(L)]
     p_names = [PATTERN.format(l=l) for l in range(L)]
@@ -177,6 +183,14 @@ def head_effects(model, fb: FlipBatch, *, batch_size: int = 16) -> HeadEffects:
 
                     patched = _logit_diff(check.run(cor, [(z_names[l], put)]), part)
                     gain[l, h] += float((patched - x).double().sum())
+
+                    def mean(z, hook=None, h=h, zc=zc, rows=rows, rp=rp):
+                        z = z.clone()
+                        z[rows, rp, h] = zc[rows, rp, h].mean(0)
+                        return z
+
+                    ablated = _logit_diff(check.run(clean, [(z_names[l], mean)]), part)
+                    lost[l, h] += float((c - ablated).double().sum())
             att = torch.stack([cache[p][rows, :, rp, :].float() for p in p_names], 1)
         offs.append(offset_mass(att, part.read_pos, part.write_pos).cpu())
         wp = part.write_pos.to(dev)
@@ -186,11 +200,13 @@ def head_effects(model, fb: FlipBatch, *, batch_size: int = 16) -> HeadEffects:
     c, x = torch.cat(clean_ld), torch.cat(flip_ld)
     span = float((c - x).double().sum())
     restored = (gain / span).float() if span > 0 else torch.full((L, H), math.nan)
+    base = float(c.double().sum())
+    needed = (lost / base).float() if base > 0 else torch.full((L, H), math.nan)
     # w+bit mass over reads past the opening write: there an attention sink on the first
     # tokens would look like a head on the last write
     wm, past = torch.cat(wmass), fb.write_pos >= START_TOKENS
     wm = wm[past] if past.any() else wm
-    return HeadEffects(restored, c, x, torch.cat(offs).mean(0), wm.mean(0), len(fb))
+    return HeadEffects(restored, needed, c, x, torch.cat(offs).mean(0), wm.mean(0), len(fb))
 
 
 # ---------------------------------------------------------------- naming
@@ -247,6 +263,7 @@ class Circuit:
     sender_offsets: dict[str, float] = field(default_factory=dict)
     n_pairs: int = 0
     n_position_pairs: int = 0
+    companions: dict[str, dict] = field(default_factory=dict)  # head -> needed, looks at, mass
 
     @property
     def main_sender(self) -> str | None:
@@ -289,6 +306,12 @@ class Circuit:
                 "which write is the last one (ignore-last-write pairs, sender -> read head via k/q): "
                 + (pos or "no single earlier head restores 0.1 or more")
             )
+        for name, c in self.companions.items():
+            out.append(
+                f"{name} carries no bit (its output at the read restores {c['restored']:.2f}) but the read "
+                f"needs it: mean-ablating it at the read loses {c['needed']:.2f} of the logit difference; "
+                f"it looks at the last write's {c['looks_at']} token ({c['mass']:.2f} of its attention)"
+            )
         out.append(f"({self.n_pairs} flipped pairs, {self.n_position_pairs} ignore pairs)")
         return out
 
@@ -314,6 +337,7 @@ class Circuit:
             "sender_offsets": {k: round(v, 4) for k, v in self.sender_offsets.items()},
             "n_pairs": self.n_pairs,
             "n_position_pairs": self.n_position_pairs,
+            "companions": self.companions,
             "summary": self.lines(),
         }
 
@@ -414,6 +438,14 @@ class ReadHeads:
     n_check_pairs: int = 0
     top: int | None = None
     circuit: Circuit | None = None
+    needed: Float[Tensor, "layer head"] | None = None
+    companions: dict[tuple[int, int], int] = field(default_factory=dict)
+
+    @property
+    def targets(self) -> dict[tuple[int, int], int]:
+        """Where each read head and companion head looks in distribution (offset from the last
+        write): the read heads' carriers and the companions' typical keys."""
+        return {**self.carriers, **self.companions}
 
     @property
     def carrier(self) -> int:
@@ -468,6 +500,8 @@ class ReadHeads:
                     "carrier": offset_label(carrier_of(self.offsets[l, h])),
                     "carrier_mass": float(self.offsets[l, h, carrier_of(self.offsets[l, h])]),
                     "read_head": (l, h) in self.carriers,
+                    "needed": float(self.needed[l, h]) if self.needed is not None else math.nan,
+                    "companion": (l, h) in self.companions,
                 }
             )
         return out
@@ -485,19 +519,23 @@ class ReadHeads:
             f"read from clean into last-write-flipped runs (threshold {self.threshold}); reference "
             f"{self.reference} ({self.n_pairs} pairs)"
             + (f", check {self.check} ({self.n_check_pairs} pairs)" if self.check_effect is not None else ""),
-            f"{'head':<8}{'restored':>10}{'check':>10}{'w+bit':>8}{'looks at':>10}{'mass':>7}  read head",
+            f"ablated = share of the clean logit difference lost when the head's output at the read is "
+            f"mean-ablated (a companion: >= {NEEDED} without carrying the bit)",
+            f"{'head':<8}{'restored':>10}{'check':>8}{'ablated':>9}{'w+bit':>7}{'looks at':>10}"
+            f"{'mass':>7}  role",
         ]
         for r in self.rows()[:limit]:
-            chk = f"{r['check_restored']:>10.3f}" if not math.isnan(r["check_restored"]) else f"{'-':>10}"
+            chk = f"{r['check_restored']:>8.3f}" if not math.isnan(r["check_restored"]) else f"{'-':>8}"
+            role = "read head" if r["read_head"] else ("companion" if r["companion"] else "")
             lines.append(
-                f"{r['head']:<8}{r['restored']:>10.3f}{chk}{r['write_mass']:>8.3f}{r['carrier']:>10}"
-                f"{r['carrier_mass']:>7.3f}  {'*' if r['read_head'] else ''}"
+                f"{r['head']:<8}{r['restored']:>10.3f}{chk}{r['needed']:>9.3f}{r['write_mass']:>7.3f}"
+                f"{r['carrier']:>10}{r['carrier_mass']:>7.3f}  {role}"
             )
-        lines += ["", "where the read heads look at the read, by offset from the last write (mean mass):"]
-        lines.append(f"{'head':<8}" + "".join(f"{o:>7}" for o in OFFSETS) + "  carrier")
-        for l, h in self.heads:
+        lines += ["", "where the read (and companion) heads look at the read, by offset from the last write:"]
+        lines.append(f"{'head':<8}" + "".join(f"{o:>7}" for o in OFFSETS) + "  looks at")
+        for (l, h), target in self.targets.items():
             vals = "".join(f"{float(v):>7.3f}" for v in self.offsets[l, h])
-            lines.append(f"{head_name(l, h):<8}{vals}  {offset_label(self.carriers[(l, h)])}")
+            lines.append(f"{head_name(l, h):<8}{vals}  {offset_label(target)}")
         if self.circuit is not None:
             lines += ["", "circuit:"] + ["  " + x for x in self.circuit.lines()]
         return "\n".join(lines)
@@ -514,6 +552,11 @@ class ReadHeads:
             "passed": self.passed,
             "threshold": self.threshold,
             "carrier": {head_name(*h): offset_label(c) for h, c in self.carriers.items()},
+            "companions": {head_name(*h): offset_label(c) for h, c in self.companions.items()},
+            "targets": {head_name(*h): c for h, c in self.targets.items()},
+            "needed": [[round(float(x), 4) for x in row] for row in self.needed]
+            if self.needed is not None
+            else None,
             "effect": [[round(float(x), 4) for x in row] for row in self.effect],
             "write_mass": [[round(float(x), 4) for x in row] for row in self.write_mass],
             "reference": self.reference,
@@ -621,6 +664,12 @@ def detect_read_heads(
         carriers,
         top=top,
     )
+    out.needed = fx.needed
+    n_heads = model.n_heads
+    for k in torch.nan_to_num(fx.needed.flatten(), nan=-math.inf).argsort(descending=True).tolist():
+        lh = divmod(k, n_heads)
+        if lh not in carriers and float(fx.needed[lh]) >= NEEDED:
+            out.companions[lh] = carrier_of(fx.offsets[lh])
     if check is not None:
         chk, chk_name = _resolve(check, n, seq_len)
         cx = head_effects(model, flip_batch(chk, seed), batch_size=batch_size)
@@ -631,6 +680,15 @@ def detect_read_heads(
         out.circuit = circuit_summary(
             model, ref, rh, c, float(fx.restored[rh]), float(fx.offsets[rh][c]), n_pairs=circuit_pairs
         )
+        out.circuit.companions = {
+            head_name(*lh): {
+                "restored": round(float(fx.restored[lh]), 4),
+                "needed": round(float(fx.needed[lh]), 4),
+                "looks_at": offset_label(t),
+                "mass": round(float(fx.offsets[lh][t]), 4),
+            }
+            for lh, t in out.companions.items()
+        }
     return out
 
 
