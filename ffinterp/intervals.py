@@ -60,19 +60,22 @@ def read_rate_interval(
     of sequences, so se itself is uncertain. The quantile is therefore Student's t with the
     Welch-Satterthwaite degrees of freedom of that sum of squares,
     (sum d_i^2)^2 / sum d_i^4 with d_i = e_i - q r_i: about the number of erring sequences
-    when they err alike, fewer when one dominates, n - 1 at most, 1 at least. On simulated
-    clustered errors (``tests/test_intervals.py``: 600 samples of 2,000 sequences, about 4 or
-    20 of them erring) it covers the true rate in 96% of samples, where the normal quantile
-    covers 85% and 94% and the read-level Clopper-Pearson interval 38% and 40%. The
-    interval is clipped to [0, 1] and is never narrower than the exact interval for
-    independent reads (which also settles the degenerate case where every sequence errs at
-    the same rate, se = 0).
+    when they err alike, fewer when one dominates, n - 1 at most, 1 at least. The t interval
+    is widened, where narrower, to the exact interval for independent reads (which also
+    settles the degenerate case where every sequence errs at the same rate, se = 0).
 
-    With 0 errors there is no spread to measure. Then E[errors per sequence] <= r_max *
-    P(a sequence errs), so the upper end is the Clopper-Pearson upper bound for 0 erring
-    sequences of n, times r_max / rbar, where r_max is the most reads in one sequence of
-    the sample (strictly, the most a sequence can hold; the sample's largest stands in).
-    With one sequence and some errors nothing bounds the spread: the interval is [0, 1].
+    Then it is kept within what the sequence-level interval [s_lo, s_hi] for P(a sequence
+    errs) implies under any clustering: an erring sequence has at least 1 and at most r_max
+    errors, so s_lo / rbar <= rate <= s_hi * r_max / rbar, where r_max is the most reads in
+    one sequence of the sample (strictly, the most a sequence can hold; the sample's largest
+    stands in). The lower bound keeps a rate with errors seen off 0 when the t interval
+    reaches it; with 0 errors the upper bound is the whole answer: [0, CP_upper(0 erring
+    sequences of n) * r_max / rbar].
+
+    On simulated clustered errors (``tests/test_intervals.py``: 600 samples of 2,000
+    sequences, about 4 or 20 of them erring) it covers the true rate in 96% of samples, where
+    the normal quantile covers 85% and 94% and the read-level Clopper-Pearson interval 38%
+    and 40%.
     """
     r = np.asarray(reads, dtype=np.float64).reshape(-1)
     e = np.asarray(errors, dtype=np.float64).reshape(-1)
@@ -90,10 +93,11 @@ def read_rate_interval(
     if total == 0:
         return 0.0, 1.0
     rbar = total / n
-    if wrong == 0:
-        return 0.0, min(1.0, clopper_pearson(0, n, alpha)[1] * float(r.max()) / rbar)
-    if n < 2:
-        return 0.0, 1.0
+    k = int((e > 0).sum())
+    s_lo, s_hi = clopper_pearson(k, n, alpha)
+    floor, ceiling = s_lo / rbar, min(1.0, s_hi * float(r.max()) / rbar)
+    if wrong == 0 or n < 2:  # no spread to measure
+        return floor, ceiling
     from scipy.stats import t as student_t
 
     rate = wrong / total
@@ -106,7 +110,8 @@ def read_rate_interval(
     df = min(max(ss * ss / fourth, 1.0), n - 1) if fourth > 0 else n - 1
     half = float(student_t.ppf(1 - alpha / 2, df)) * se
     lo, hi = clopper_pearson(wrong, total, alpha)
-    return max(0.0, min(rate - half, lo)), min(1.0, max(rate + half, hi))
+    # floor <= rate <= ceiling always (1 <= errors of an erring sequence <= r_max)
+    return max(floor, min(rate - half, lo)), min(ceiling, max(rate + half, hi))
 
 
 __all__ = ["clopper_pearson", "read_rate_interval"]

@@ -73,12 +73,30 @@ def test_zero_error_upper_bound_holds_under_clustering():
     assert np.mean(cluster) >= 0.93 and np.mean(naive) <= 0.5, (np.mean(cluster), np.mean(naive))
 
 
+def test_the_sequence_level_floor_still_covers_when_errors_do_not_cluster():
+    """The floor assumes one error per erring sequence; where that is exactly true it binds
+    most often, and the interval must still cover."""
+    rng = np.random.default_rng(13)
+    reads = rng.integers(5, 50, size=(REPS, SEQS))
+    errors = (rng.random((REPS, SEQS)) < 0.003).astype(int)  # bad sequences err exactly once
+    true = 0.003 / 27  # E[reads] = (5 + 49) / 2
+    cluster = [covers(read_rate_interval(r, e), true) for r, e in zip(reads, errors)]
+    assert np.mean(cluster) >= 0.93, np.mean(cluster)
+
+
 def test_the_interval_is_the_linearised_ratio_interval():
     """By hand: reads 10 each, errors (0, 0, 0, 4). rate 0.1, d = (-1, -1, -1, 3), so
-    se = sqrt(12 / (4 * 3)) / 10 = 0.1 and Satterthwaite df = 12^2 / 84."""
+    se = sqrt(12 / (4 * 3)) / 10 = 0.1 and Satterthwaite df = 12^2 / 84. The t interval
+    reaches below 0; the floor is 1 error in each erring sequence: CP_low(1 of 4) / 10."""
     lo, hi = read_rate_interval(np.array([10, 10, 10, 10]), np.array([0, 0, 0, 4]))
     half = student_t.ppf(0.975, 144 / 84) * 0.1
-    assert lo == 0.0 and hi == pytest.approx(0.1 + half, rel=1e-12)
+    assert half > 0.1 and hi == pytest.approx(0.1 + half, rel=1e-12)
+    assert lo == pytest.approx(clopper_pearson(1, 4)[0] / 10, rel=1e-12)
+    # the ceiling, where t (df about 1) reaches past it: 1 of 40 sequences errs at each of
+    # its 20 reads; at most r_max = 20 errors per erring sequence, rbar = 15
+    r, e = np.tile([10, 20], 20), np.zeros(40, dtype=int)
+    e[1] = 20
+    assert read_rate_interval(r, e)[1] == pytest.approx(clopper_pearson(1, 40)[1] * 20 / 15, rel=1e-12)
     # many erring sequences: t ~ z, the brief's normal interval
     reads, errors, _ = simulate(3, 0.05)
     r, e = reads[0], errors[0]
@@ -96,7 +114,8 @@ def test_edges_and_order():
     # every sequence errs on the same share: no spread, so the independent-reads interval
     even = np.full(50, 8)
     assert read_rate_interval(even, even // 2) == clopper_pearson(200, 400)
-    assert read_rate_interval(np.array([5]), np.array([2])) == (0.0, 1.0)
+    # one sequence: no spread to measure, only the sequence-level bounds (CP of 1 in 1)
+    assert read_rate_interval(np.array([5]), np.array([2])) == pytest.approx((0.025 / 5, 1.0), rel=1e-12)
     assert read_rate_interval(np.array([0, 0]), np.array([0, 0])) == (0.0, 1.0)
     for bad_args, match in [
         ((np.array([3, 3]), np.array([1])), "1-D and alike"),
