@@ -171,9 +171,9 @@ class EvalResult:
         ]
 
     NOTE = (
-        "Errors cluster within sequences, so the sequence is the unit: per read, the ratio "
-        "errors/reads with a t interval over sequences (0 errors: an upper bound from the erring "
-        "sequences); per sequence, exact Clopper-Pearson."
+        "Errors cluster within sequences, so the intervals take the sequence as the unit: per read, "
+        "errors / reads with a t interval over sequences; per sequence, exact Clopper-Pearson. "
+        "'<' marks an upper bound (0 errors)."
     )
 
     def table(self) -> str:
@@ -194,7 +194,7 @@ class EvalResult:
         return (
             f"<div><b>{html.escape(self.model)}</b> <small>device {html.escape(self.device)}</small>"
             f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-            f"<small>{html.escape(self.NOTE)} &lt; marks an upper bound.</small></div>"
+            f"<small>{html.escape(self.NOTE)}</small></div>"
         )
 
 

@@ -261,7 +261,7 @@ def test_eval_cli_end_to_end(tiny, tmp_path):
     for name in ("in", "sparse", "dense"):
         row = next(line for line in lines if line.startswith(name + " "))
         assert row.count(" / ") == 2  # errors / reads, erring sequences / sequences
-    assert "the sequence is the unit" in lines[-1]
+    assert "take the sequence as the unit" in lines[-1]
     assert "%|" in r.stderr  # the progress bar
 
 
