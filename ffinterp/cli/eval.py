@@ -52,9 +52,17 @@ def eval_command(
         fail(f"--n must be >= 1, got {n}")
     if batch_size < 1:
         fail(f"--batch-size must be >= 1, got {batch_size}")
+    from ffinterp.device import resolve_device
+
+    try:  # before distributed.init, which would raise torch's own error for it
+        resolve_device(device)
+    except RuntimeError as e:
+        fail(f"--device {device!r}: {(str(e).splitlines() or [type(e).__name__])[0]}")
     if seq_file is not None and sets is None and (n is not None or seq_len is not None):
         fail("--n and --seq-len size the standard sets; with only --seq-file there are none (add --sets)")
     given = {}
+    if seq_file is not None and str(seq_file) in ("", "."):
+        fail("--seq-file: empty path; name a file of sequences")
     if seq_file is not None:
         from ffinterp.data import read_sequences
         from ffinterp.errors import FFInterpError
