@@ -1,16 +1,20 @@
-"""Error rates on the paper's evaluation sets, with exact 95% Clopper–Pearson intervals.
+"""Error rates on the paper's evaluation sets (or a caller's own sequences), with intervals.
 
 Glitches are rare: a good model makes 0 errors in 400k reads, and "0" would be a false
-claim. Every rate is reported with its exact binomial interval, so 0 errors in N reads
-reads as an upper bound (``< 9.0e-06``) rather than as zero.
+claim. Every rate comes with a 95% interval, so 0 errors read as an upper bound
+(``< 9.0e-06``) rather than as zero. Errors cluster within sequences (one sequence can hold
+seven), so the sequence, not the read, is the independent unit (:mod:`ffinterp.intervals`):
+P(a sequence errs) gets an exact Clopper-Pearson interval over sequences, and the per-read
+rate an interval from the spread of errors over sequences.
 
 Scoring runs on the fast model only, in ``torch.inference_mode``, with the set streamed
 from its seed in chunks (the sparse set is 80M tokens; it is never held whole).
-Errors are counted on the device; only three integers per batch come back.
+Errors are counted on the device; only two integers per sequence (its reads and errors)
+come back.
 
 Under ``torchrun`` each rank scores a disjoint share of every set's stream (whole sampler
-blocks, taken in turn) and the three counts are summed over ranks, so the counts and
-intervals are those of one process for any world size (see :mod:`ffinterp.distributed`).
+blocks, taken in turn) and the per-sequence counts are gathered from all ranks, so the counts
+and intervals are those of one process for any world size (see :mod:`ffinterp.distributed`).
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from functools import partial
 
+import numpy as np
 import torch
 from jaxtyping import Int
 from torch import Tensor, nn
@@ -31,86 +37,24 @@ from ffinterp import distributed
 from ffinterp.data import STANDARD_SETS, eval_set_spec, iter_eval_set
 from ffinterp.device import resolve_device
 from ffinterp.errors import FFInterpError
+from ffinterp.intervals import clopper_pearson, read_rate_interval
 from ffinterp.language import BLOCK_ROWS, last_write_pos, read_mask
 from ffinterp.models.gpt import GPT
 
 DEFAULT_SETS = ("in", "sparse", "dense")
-
-# ---------------------------------------------------------------- Clopper–Pearson
-
-
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function (modified Lentz)."""
-    tiny, eps = 1e-300, 1e-15
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 1_000_000):
-        m2 = 2 * m
-        for aa in (
-            m * (b - m) * x / ((qam + m2) * (a + m2)),
-            -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2)),
-        ):
-            d = 1.0 + aa * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + aa / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < eps:
-            break
-    return h
-
-
-def betainc(a: float, b: float, x: float) -> float:
-    """Regularized incomplete beta function I_x(a, b) for a, b > 0."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
-
-
-def beta_ppf(p: float, a: float, b: float) -> float:
-    """The p-quantile of Beta(a, b), by bisection on :func:`betainc` (monotone in x)."""
-    lo, hi = 0.0, 1.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if mid in (lo, hi):
-            break
-        if betainc(a, b, mid) < p:
-            lo = mid
-        else:
-            hi = mid
-    return 0.5 * (lo + hi)
-
-
-def clopper_pearson(errors: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
-    """Exact two-sided (1 - alpha) binomial interval for ``errors`` out of ``n``.
-
-    Closed forms at the edges: 0 errors gives [0, 1 - (alpha/2)^(1/n)].
-    """
-    if n < 0 or not 0 <= errors <= n:
-        raise ValueError(f"need 0 <= errors <= n, got errors={errors}, n={n}")
-    if n == 0:
-        return 0.0, 1.0
-    q = alpha / 2
-    lo = 0.0 if errors == 0 else (q ** (1 / n) if errors == n else beta_ppf(q, errors, n - errors + 1))
-    hi = (
-        1.0 if errors == n else (1 - q ** (1 / n) if errors == 0 else beta_ppf(1 - q, errors + 1, n - errors))
-    )
-    return lo, hi
-
 
 # ---------------------------------------------------------------- results
 
 
 @dataclass(frozen=True)
 class SetResult:
-    """One evaluation set's outcome: counts, exact interval and speed."""
+    """One evaluation set's outcome: counts, intervals with the sequence as the unit, speed.
+
+    ``ci_low``/``ci_high`` bound the per-read error rate (see
+    :func:`ffinterp.intervals.read_rate_interval`: valid although errors cluster within
+    sequences); ``seq_ci_low``/``seq_ci_high`` are the exact Clopper-Pearson interval for
+    P(a sequence errs at least once). ``max_seq_reads`` is the most reads in one sequence.
+    """
 
     name: str
     distribution: str
@@ -121,6 +65,9 @@ class SetResult:
     seqs_with_error: int
     ci_low: float
     ci_high: float
+    seq_ci_low: float
+    seq_ci_high: float
+    max_seq_reads: int
     seconds: float
     confidence: float = 0.95
 
@@ -129,22 +76,45 @@ class SetResult:
         return self.errors / self.reads if self.reads else math.nan
 
     @property
+    def seq_rate(self) -> float:
+        """The share of sequences with at least one read error."""
+        return self.seqs_with_error / self.n_seqs if self.n_seqs else math.nan
+
+    @property
     def reads_per_s(self) -> float:
         return self.reads / self.seconds if self.seconds > 0 else math.nan
 
     @property
     def rate_text(self) -> str:
-        """``< 9.0e-06`` for 0 errors (an upper bound), else ``rate [low, high]``."""
-        if self.errors == 0:
-            return f"< {self.ci_high:.1e}"
-        return f"{self.error_rate:.1e} [{self.ci_low:.1e}, {self.ci_high:.1e}]"
+        """``< 2.1e-05`` for 0 errors (an upper bound), else ``rate [low, high]`` (per read)."""
+        return _interval_text(self.errors, self.error_rate, self.ci_low, self.ci_high)
+
+    @property
+    def seq_rate_text(self) -> str:
+        """The same for P(a sequence errs)."""
+        return _interval_text(self.seqs_with_error, self.seq_rate, self.seq_ci_low, self.seq_ci_high)
+
+    def read_cell(self) -> str:
+        return f"{self.errors} / {self.reads}  ({self.rate_text})"
+
+    def seq_cell(self) -> str:
+        return f"{self.seqs_with_error} / {self.n_seqs}  ({self.seq_rate_text})"
 
     def line(self) -> str:
         pct = f"{self.confidence:.0%}"
-        return f"{self.errors} / {self.reads}  ({self.rate_text}, {pct} CP)"
+        return f"reads {self.read_cell()}; sequences {self.seq_cell()}  ({pct} intervals)"
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "error_rate": self.error_rate, "reads_per_s": self.reads_per_s}
+        return {
+            **asdict(self),
+            "error_rate": self.error_rate,
+            "seq_rate": self.seq_rate,
+            "reads_per_s": self.reads_per_s,
+        }
+
+
+def _interval_text(count: int, rate: float, lo: float, hi: float) -> str:
+    return f"< {hi:.1e}" if count == 0 else f"{rate:.1e} [{lo:.1e}, {hi:.1e}]"
 
 
 @dataclass(frozen=True)
@@ -173,47 +143,58 @@ class EvalResult:
             "sets": {s.name: s.to_dict() for s in self.sets},
         }
 
+    @property
+    def _pct(self) -> str:
+        return f"{self.sets[0].confidence:.0%}" if self.sets else "95%"
+
+    def _header(self) -> tuple[str, ...]:
+        return (
+            "set",
+            "distribution",
+            "seqs x T",
+            f"errors / reads  (per read, {self._pct} CI)",
+            f"erring seqs / seqs  (per sequence, {self._pct} CP)",
+            "reads/s",
+        )
+
     def _rows(self) -> list[list[str]]:
         return [
             [
                 s.name,
                 s.distribution,
                 f"{s.n_seqs} x {s.seq_len}",
-                s.line(),
-                str(s.seqs_with_error),
+                s.read_cell(),
+                s.seq_cell(),
                 f"{s.reads_per_s:,.0f}",
             ]
             for s in self.sets
         ]
 
-    HEADER = (
-        "set",
-        "distribution",
-        "seqs x T",
-        "errors / reads  (error rate, 95% CP)",
-        "bad seqs",
-        "reads/s",
+    NOTE = (
+        "Errors cluster within sequences, so the intervals take the sequence as the unit: per read, "
+        "errors / reads with a t interval over sequences; per sequence, exact Clopper-Pearson. "
+        "'<' marks an upper bound (0 errors)."
     )
 
     def table(self) -> str:
-        rows = [list(self.HEADER), *self._rows()]
-        widths = [max(len(r[i]) for r in rows) for i in range(len(self.HEADER))]
+        header = self._header()
+        rows = [list(header), *self._rows()]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        return f"{self.model}  [device {self.device}]\n" + "\n".join(lines)
+        return f"{self.model}  [device {self.device}]\n" + "\n".join(lines) + "\n" + self.NOTE
 
     def __str__(self) -> str:
         return self.table()
 
     def _repr_html_(self) -> str:
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in self.HEADER)
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in self._header())
         body = "".join(
             "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self._rows()
         )
         return (
             f"<div><b>{html.escape(self.model)}</b> <small>device {html.escape(self.device)}</small>"
             f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-            "<small>0 errors are shown as the upper end of the exact 95% Clopper&ndash;Pearson interval."
-            "</small></div>"
+            f"<small>{html.escape(self.NOTE)}</small></div>"
         )
 
 
@@ -221,11 +202,14 @@ class EvalResult:
 
 
 @torch.inference_mode()
-def count_errors(model: nn.Module, tokens: Int[Tensor, "batch seq"]) -> tuple[int, int, int]:
-    """(reads, errors, sequences with an error) of one batch, counted where the model lives.
+def count_errors(
+    model: nn.Module, tokens: Int[Tensor, "batch seq"]
+) -> tuple[Int[Tensor, " batch"], Int[Tensor, " batch"]]:
+    """Reads and read errors of each sequence in a batch, counted where the model lives.
 
     An error is an argmax other than the last write's bit at a read (same rule as
-    :func:`ffinterp.scoring.score_logits`).
+    :func:`ffinterp.scoring.score_logits`). Only the two per-sequence counts come back to
+    the CPU (one transfer), never a per-read tensor.
     """
     mask = read_mask(tokens)
     lw = last_write_pos(tokens)
@@ -237,8 +221,8 @@ def count_errors(model: nn.Module, tokens: Int[Tensor, "batch seq"]) -> tuple[in
         wrong[mask] = model.logits_at(tokens, mask).argmax(-1) != bit[mask]
     else:
         wrong = mask & (model(tokens).argmax(-1) != bit)
-    counts = torch.stack([mask.sum(), wrong.sum(), wrong.any(1).sum()]).tolist()
-    return int(counts[0]), int(counts[1]), int(counts[2])
+    counts = torch.stack([mask.sum(1), wrong.sum(1)]).to(torch.int32).cpu()
+    return counts[0], counts[1]
 
 
 def _chunk_rows(batch_size: int) -> int:
@@ -257,6 +241,38 @@ def _chunks(
         while (tokens := pending.result()) is not None:
             pending = pool.submit(next, stream, None)
             yield from tokens.split(batch_size)
+
+
+def _given_chunks(
+    tokens: Int[Tensor, "n seq"], batch_size: int, part: tuple[int, int] = (0, 1)
+) -> Iterator[Int[Tensor, "batch seq"]]:
+    """Model batches of given sequences, in this rank's share of the same chunks as a set."""
+    chunk = _chunk_rows(batch_size)
+    k, parts = part
+    for offset in range(0, len(tokens), chunk)[k::parts]:
+        yield from tokens[offset : offset + chunk].split(batch_size)
+
+
+def _given_sets(sequences: Mapping[str, Tensor] | None) -> dict[str, Int[Tensor, "n seq"]]:
+    """Validated copies of a caller's own named sequence batches."""
+    from ffinterp.language import validate_batch
+
+    out = {}
+    for name, tokens in (sequences or {}).items():
+        if not isinstance(name, str) or not name:
+            raise FFInterpError(f"sequences: names must be non-empty strings, got {name!r}")
+        t = torch.as_tensor(tokens)
+        if t.ndim != 2 or not len(t) or t.is_floating_point() or t.is_complex():
+            raise FFInterpError(
+                f"sequences[{name!r}]: expected a non-empty 2-D integer batch of tokens, "
+                f"got {t.dtype} of shape {tuple(t.shape)}"
+            )
+        try:
+            validate_batch(t, labelled=False)
+        except FFInterpError as e:
+            raise FFInterpError(f"sequences[{name!r}]: {e}") from None
+        out[name] = t.long()
+    return out
 
 
 def _per_set(value: int | Mapping[str, int] | None, name: str, default: int | None) -> int | None:
@@ -280,12 +296,45 @@ def _as_model(model: object) -> tuple[nn.Module, str]:
     raise FFInterpError(f"evaluate: expected a model or a checkpoint path, got {type(model).__name__}")
 
 
+def _set_result(
+    name: str,
+    distribution: str,
+    t: int,
+    counts: Int[np.ndarray, "2 seqs"],
+    seconds: float,
+    confidence: float,
+) -> SetResult:
+    """Totals and both intervals of one set from its per-sequence (reads, errors) counts."""
+    reads, errors = counts
+    rows = len(reads)
+    lo, hi = read_rate_interval(reads, errors, confidence)
+    bad = int((errors > 0).sum())
+    slo, shi = clopper_pearson(bad, rows, 1 - confidence)
+    return SetResult(
+        name=name,
+        distribution=distribution,
+        n_seqs=rows,
+        seq_len=t,
+        reads=int(reads.sum()),
+        errors=int(errors.sum()),
+        seqs_with_error=bad,
+        ci_low=lo,
+        ci_high=hi,
+        seq_ci_low=slo,
+        seq_ci_high=shi,
+        max_seq_reads=int(reads.max()) if rows else 0,
+        seconds=seconds,
+        confidence=confidence,
+    )
+
+
 def evaluate(
     model: nn.Module | str | os.PathLike,
     sets: str | Sequence[str] = DEFAULT_SETS,
     *,
     n: int | Mapping[str, int] | None = None,
     seq_len: int | Mapping[str, int] | None = None,
+    sequences: Mapping[str, Int[Tensor, "n seq"]] | None = None,
     batch_size: int = 64,
     device: str | torch.device = "auto",
     progress: bool = True,
@@ -296,19 +345,25 @@ def evaluate(
 
     ``model`` is a fast GPT or LSTM, an ``FFLModel``, or anything :func:`load_checkpoint`
     reads. ``n`` and ``seq_len`` may be one value or a per-set mapping; ``seq_len`` defaults to
-    the model's block size (512, the paper's T, for a model without one). The model is put
-    back on its device and in its train/eval mode afterwards. Under ``torchrun`` (``dist``:
-    default :func:`ffinterp.distributed.current`) every rank calls this on its own device and
-    gets the totals over all ranks.
+    the model's block size (512, the paper's T, for a model without one). ``sequences`` adds
+    the caller's own sets, ``{name: tokens}`` (e.g. from :func:`ffinterp.data.read_sequences`),
+    scored after ``sets`` and reported the same way; pass ``sets=()`` to score only them.
+    The model is put back on its device and in its train/eval mode afterwards. Under
+    ``torchrun`` (``dist``: default :func:`ffinterp.distributed.current`) every rank calls this
+    on its own device and gets the results over all ranks.
     """
     fast, description = _as_model(model)
     names = [s.strip() for s in sets.split(",")] if isinstance(sets, str) else list(sets)
-    if not names or not all(names):
+    given = _given_sets(sequences)
+    if not all(names) or not (names or given):
         raise FFInterpError(f"no evaluation sets given (known: {', '.join(STANDARD_SETS)})")
     if batch_size < 1:
         raise FFInterpError(f"batch size must be >= 1, got {batch_size}")
     if not 0 < confidence < 1:
         raise FFInterpError(f"confidence must be in (0, 1), got {confidence}")
+    clash = sorted(set(names) & set(given)) or sorted({x for x in names if names.count(x) > 1})
+    if clash:
+        raise FFInterpError(f"set {clash[0]!r} is given twice: every set needs its own name")
     block = getattr(getattr(fast, "cfg", None), "block_size", None)
     plan = []
     for name in names:
@@ -321,7 +376,14 @@ def evaluate(
             raise FFInterpError(f"set {name}: seq_len must be an even number >= 4, got {t}")
         if block is not None and t > block:
             raise FFInterpError(f"set {name}: seq_len {t} exceeds the model's block_size {block}")
-        plan.append((spec, rows, t))
+        plan.append((name, f"FFL({spec.p_i})", rows, t, partial(_chunks, name, rows, t, batch_size)))
+    for name, tokens in given.items():
+        t = tokens.shape[1]
+        if block is not None and t > block:
+            raise FFInterpError(
+                f"sequences[{name!r}]: {t} tokens per sequence, more than the model's block_size {block}"
+            )
+        plan.append((name, "own sequences", len(tokens), t, partial(_given_chunks, tokens, batch_size)))
     try:
         dev = resolve_device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
@@ -340,35 +402,33 @@ def evaluate(
     fast.to(dev).eval()
     results = []
     try:
-        for spec, rows, t in plan:
-            reads = errors = bad = 0
+        for name, distribution, rows, t, batches in plan:
+            errors, parts = 0, [torch.zeros(2, 0, dtype=torch.int32)]
             start = time.perf_counter()
             chunk = _chunk_rows(batch_size)
             mine = sum(min(chunk, rows - o) for o in dist.shard(range(0, rows, chunk)))
             with tqdm(
                 total=mine,
-                desc=spec.name if not dist.active else f"{spec.name} (rank 0 of {dist.world_size})",
+                desc=name if not dist.active else f"{name} (rank 0 of {dist.world_size})",
                 unit="seq",
                 disable=not (progress and dist.is_main),
                 dynamic_ncols=True,
             ) as bar:
-                for tokens in _chunks(spec.name, rows, t, batch_size, part):
-                    r, e, b = count_errors(fast, tokens.to(dev, non_blocking=True))
-                    reads, errors, bad = reads + r, errors + e, bad + b
+                for tokens in batches(part):
+                    r, e = count_errors(fast, tokens.to(dev, non_blocking=True))
+                    parts.append(torch.stack([r, e]))
+                    errors += int(e.sum())
                     bar.update(len(tokens))
                     bar.set_postfix(errors=errors, refresh=False)
-            reads, errors, bad = dist.all_reduce_sum([reads, errors, bad]).tolist()
-            seconds = time.perf_counter() - start  # after the sum: the slowest rank's time
-            lo, hi = clopper_pearson(errors, reads, 1 - confidence)
-            results.append(
-                SetResult(
-                    spec.name, f"FFL({spec.p_i})", rows, t, reads, errors, bad, lo, hi, seconds, confidence
-                )
-            )
+            # Every rank gets every sequence's two counts (a few bytes each): the intervals
+            # need the spread over sequences, not just the sums.
+            counts = np.concatenate(dist.all_gather(torch.cat(parts, 1).numpy()), axis=1)
+            seconds = time.perf_counter() - start  # after the gather: the slowest rank's time
+            results.append(_set_result(name, distribution, t, counts, seconds, confidence))
     finally:
         fast.to(home).train(was_training)
     where = str(dev) if not dist.active else f"{dev} x {dist.world_size} ranks"
     return EvalResult(tuple(results), description, where, batch_size)
 
 
-__all__ = ["EvalResult", "SetResult", "beta_ppf", "betainc", "clopper_pearson", "count_errors", "evaluate"]
+__all__ = ["EvalResult", "SetResult", "clopper_pearson", "count_errors", "evaluate", "read_rate_interval"]

@@ -50,7 +50,9 @@ def run_eval(run_dir: Path, batch_size: int = 256, n: dict[str, int] | None = No
     cache = run_dir / f"eval{tag}.json"
     if cache.exists():
         cached = json.loads(cache.read_text())
-        if cached.get("ckpt_sha256") == digest:
+        # figures cached before the intervals took the sequence as the unit are measured again
+        fresh = all("seq_ci_high" in r for r in cached.get("eval", {}).values())
+        if cached.get("ckpt_sha256") == digest and fresh:
             return cached
     raw = read_checkpoint_file(ckpt)
     seq_len = int(raw["config"]["seq_len"])
@@ -70,8 +72,13 @@ def run_eval(run_dir: Path, batch_size: int = 256, n: dict[str, int] | None = No
                 "reads": s.reads,
                 "errors": s.errors,
                 "error_rate": s.error_rate,
-                "ci_low": s.ci_low,
+                "ci_low": s.ci_low,  # per read, valid although errors cluster in sequences
                 "ci_high": s.ci_high,
+                "seqs_with_error": s.seqs_with_error,
+                "seq_rate": s.seq_rate,
+                "seq_ci_low": s.seq_ci_low,  # exact Clopper-Pearson for P(a sequence errs)
+                "seq_ci_high": s.seq_ci_high,
+                "max_seq_reads": s.max_seq_reads,
             }
             for s in result
         },

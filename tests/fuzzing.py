@@ -647,7 +647,7 @@ FLAGS: dict[str, dict[str, str]] = {
                "--out": "out_file"},
     "validate": {"FILE": "in_file"},
     "eval": {"CKPT": "in_ckpt", "--sets": "str", "--n": "int+", "--seq-len": "int+", "--batch-size": "int+",
-             "--device": "str"},
+             "--device": "str", "--seq-file": "in_file"},
     "attention": {"CKPT": "in_ckpt", "--seq": "seq", "--seq-file": "in_file", "--row": "int",
                   "--layer": "int",
                   "--head": "int", "--read": "str", "--out": "out_fig", "--ref-n": "int+", "--device": "str"},

@@ -210,7 +210,7 @@ def test_eval_on_two_ranks_gives_the_single_process_counts(ckpt):
     assert r.returncode == 0, r.stderr[-3000:]
     two = json.loads(r.stdout)  # rank 0 alone prints: one JSON document
     one = evaluate(ckpt, n=2500, seq_len=T, device="cpu", progress=False).to_dict()
-    keys = ("n_seqs", "reads", "errors", "seqs_with_error", "ci_low", "ci_high")
+    keys = ("n_seqs", "reads", "errors", "seqs_with_error", "ci_low", "ci_high", "seq_ci_low", "seq_ci_high")
     for name in ("in", "sparse", "dense"):
         assert [two["sets"][name][k] for k in keys] == [one["sets"][name][k] for k in keys]
     assert one["sets"]["sparse"]["errors"] > 0 and two["device"] == "cpu x 2 ranks"

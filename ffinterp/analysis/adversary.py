@@ -41,7 +41,7 @@ from ffinterp.analysis.families import Family, Piecewise
 from ffinterp.analysis.search import Scored, SearchContext, Strategy, register
 from ffinterp.analysis.tail import checked_model, placed
 from ffinterp.errors import FFInterpError
-from ffinterp.evaluate import clopper_pearson
+from ffinterp.intervals import clopper_pearson
 
 BOUND = 8.0  # box on the unconstrained vector: probabilities stay above ~e^-16
 

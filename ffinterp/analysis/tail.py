@@ -78,7 +78,8 @@ from ffinterp.analysis.search import derive_seed
 from ffinterp.checkpoints import model_digest
 from ffinterp.device import resolve_device
 from ffinterp.errors import FFInterpError
-from ffinterp.evaluate import _as_model, clopper_pearson
+from ffinterp.evaluate import _as_model
+from ffinterp.intervals import clopper_pearson
 from ffinterp.language import last_write_pos, read_mask
 from ffinterp.models.gpt import GPT
 
