@@ -77,6 +77,24 @@ def test_on_the_trained_models_the_head_on_the_w_token_carries_nothing():
     assert float(rh.write_mass[1, 2]) > 0.9 and abs(float(rh.effect[1, 2])) < 0.05
     assert float(rh.offsets[1, 0, 2]) > 0.5 and float(rh.offsets[1, 0, :2].sum()) < 0.2
     assert rh.stable, rh.table()
+    # ...yet the read needs it: a companion that looks at the w token. Checked by hand: mean-
+    # ablating L1H2's output at the read (plain hooks) loses over half the logit difference.
+    assert rh.companions == {(1, 2): 0}, rh.table()
+    fb = flip_batch(eval_set("in", 32, 128))
+    rows = torch.arange(32)
+    name = "blocks.1.attn.hook_z"
+    with torch.no_grad():
+        lc, cache = model.hooked.run_with_cache(fb.clean, names_filter=[name])
+        mean = cache[name][rows, fb.read_pos, 2].mean(0)
+
+        def ablate(z, hook):
+            z[rows, fb.read_pos, 2] = mean
+            return z
+
+        la = model.hooked.run_with_hooks(fb.clean, fwd_hooks=[(name, ablate)])
+    c, a = _logit_diff(lc, fb), _logit_diff(la, fb)
+    assert float((c - a).sum() / c.sum()) == pytest.approx(float(rh.needed[1, 2]), abs=1e-3)
+    assert float(rh.needed[1, 2]) > 0.5
     text = rh.table()
     assert text.index("restored") < text.index("by offset from the last write")  # causal table first
 

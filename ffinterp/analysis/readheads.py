@@ -31,6 +31,7 @@ from __future__ import annotations
 import html
 import math
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from jaxtyping import Float, Int
@@ -143,60 +144,62 @@ def offset_mass(
     return torch.einsum("nlhk,nko->nlho", rows, onehot)
 
 
+def _chunk(fb: FlipBatch, lo: int, size: int) -> FlipBatch:
+    return FlipBatch(
+        *(t[lo : lo + size] for t in (fb.clean, fb.corrupted, fb.read_pos, fb.write_pos, fb.clean_bit))
+    )
+
+
 def head_effects(model, fb: FlipBatch, *, batch_size: int = 16) -> HeadEffects:
     """Patch every head's ``hook_z`` at the read from clean into flipped (what it carries), and
-    mean-ablate it at the read in the clean run (whether the read needs it), one pass each per
-    head per chunk of pairs; also the clean run's attention at the read by offset."""
+    replace it at the read in the clean run by its mean over all the pairs' reads (whether the
+    read needs it), one pass each per head per chunk of pairs; also the clean run's attention
+    at the read by offset. A first pass over the chunks keeps only each head's output at the
+    read, so the mean is the whole set's, whatever the chunking."""
     hk = model.hooked
     if hk is None:
         raise FFInterpError(f"{getattr(model, 'name', 'model')}: no heads to patch (an LSTM)")
     L, H, dev = model.n_layers, model.n_heads, model.device
-    gain = torch.zeros(L, H, dtype=torch.float64)
-    lost = torch.zeros(L, H, dtype=torch.float64)
-    clean_ld, flip_ld, offs, wmass = [], [], [], []
     z_names = [Z.format(l=l) for l in range(L)]
     p_names = [PATTERN.format(l=l) for l in range(L)]
-    for lo in range(0, len(fb), batch_size):
-        part = FlipBatch(
-            *(
-                t[lo : lo + batch_size]
-                for t in (fb.clean, fb.corrupted, fb.read_pos, fb.write_pos, fb.clean_bit)
-            )
-        )
+    parts = [_chunk(fb, lo, batch_size) for lo in range(0, len(fb), batch_size)]
+    z_read, clean_ld, flip_ld, offs, wmass = [], [], [], [], []
+    for part in parts:  # clean and flipped runs: logit differences, z and attention at the read
         cut = int(part.read_pos.max()) + 1  # causal: nothing after the last scored read matters
-        clean, cor = part.clean[:, :cut].to(dev), part.corrupted[:, :cut].to(dev)
-        rows = torch.arange(len(part), device=dev)
-        rp = part.read_pos.to(dev)
-        check = HookCheck(hk, "detect_read_heads", cor)
+        rows, rp = torch.arange(len(part), device=dev), part.read_pos.to(dev)
+        check = HookCheck(hk, "detect_read_heads", part.corrupted[:, :cut].to(dev))
         with torch.inference_mode():
-            lc, cache = check.cache(clean, z_names + p_names)
-            lx = hk(cor)
-            c, x = _logit_diff(lc, part), _logit_diff(lx, part)
-            for l in range(L):
-                zc = cache[z_names[l]]
-                for h in range(H):
-
-                    def put(z, hook=None, h=h, zc=zc, rows=rows, rp=rp):
-                        z = z.clone()
-                        z[rows, rp, h] = zc[rows, rp, h]
-                        return z
-
-                    patched = _logit_diff(check.run(cor, [(z_names[l], put)]), part)
-                    gain[l, h] += float((patched - x).double().sum())
-
-                    def mean(z, hook=None, h=h, zc=zc, rows=rows, rp=rp):
-                        z = z.clone()
-                        z[rows, rp, h] = zc[rows, rp, h].mean(0)
-                        return z
-
-                    ablated = _logit_diff(check.run(clean, [(z_names[l], mean)]), part)
-                    lost[l, h] += float((c - ablated).double().sum())
+            lc, cache = check.cache(part.clean[:, :cut].to(dev), z_names + p_names)
+            lx = hk(part.corrupted[:, :cut].to(dev))
+            z_read.append(torch.stack([cache[n][rows, rp] for n in z_names]))  # layer n head d
             att = torch.stack([cache[p][rows, :, rp, :].float() for p in p_names], 1)
         offs.append(offset_mass(att, part.read_pos, part.write_pos).cpu())
         wp = part.write_pos.to(dev)
         wmass.append((att[rows, :, :, wp] + att[rows, :, :, wp + 1]).cpu())
-        clean_ld.append(c.cpu())
-        flip_ld.append(x.cpu())
+        clean_ld.append(_logit_diff(lc, part).cpu())
+        flip_ld.append(_logit_diff(lx, part).cpu())
+    mean_z = torch.cat(z_read, 1).mean(1)  # layer head d
+    gain = torch.zeros(L, H, dtype=torch.float64)
+    lost = torch.zeros(L, H, dtype=torch.float64)
+    for part, zr, c, x in zip(parts, z_read, clean_ld, flip_ld):
+        cut = int(part.read_pos.max()) + 1
+        clean, cor = part.clean[:, :cut].to(dev), part.corrupted[:, :cut].to(dev)
+        rows, rp = torch.arange(len(part), device=dev), part.read_pos.to(dev)
+        check = HookCheck(hk, "detect_read_heads", cor)
+        with torch.inference_mode():
+            for l in range(L):
+                for h in range(H):
+
+                    def put(z, hook=None, value=zr[l, :, h], h=h, rows=rows, rp=rp):
+                        z = z.clone()
+                        z[rows, rp, h] = value
+                        return z
+
+                    patched = _logit_diff(check.run(cor, [(z_names[l], put)]), part).cpu()
+                    gain[l, h] += float((patched - x).double().sum())
+                    ablate = partial(put, value=mean_z[l, h])
+                    ablated = _logit_diff(check.run(clean, [(z_names[l], ablate)]), part).cpu()
+                    lost[l, h] += float((c - ablated).double().sum())
     c, x = torch.cat(clean_ld), torch.cat(flip_ld)
     span = float((c - x).double().sum())
     restored = (gain / span).float() if span > 0 else torch.full((L, H), math.nan)
