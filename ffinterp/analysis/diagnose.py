@@ -67,7 +67,8 @@ def attention_rows(
 class ReferenceStats:
     """The read heads named by effect on a reference set, their carrier, the companion heads
     (needed, carrying no bit) and where they look, and per head on the reads the model gets
-    right: mean and 5th percentile of the mass on its target (carrier, or companion's key)."""
+    right past the opening write: mean and 5th percentile of the mass on its target (carrier,
+    or companion's key)."""
 
     mean: Float[Tensor, "layer head"]
     p05: Float[Tensor, "layer head"]
@@ -98,7 +99,9 @@ def reference_stats(ffl, seq_len: int, n: int = 64, chunk: int = 8, circuit: boo
             rows = read_rows(ffl, part, rd).cpu()
         key = torch.minimum(rd.write_pos[:, None, None] + offset, rd.pos[:, None, None])  # read layer head
         masses.append(rows.gather(-1, key[..., None])[..., 0])
-        oks.append(~score_tokens(ffl.fast, part, device=ffl.device).error)
+        # typical behaviour on reads past the opening write: there the heads look up the
+        # opening pair itself (its carrier would be another token), which is no failure
+        oks.append(~score_tokens(ffl.fast, part, device=ffl.device).error & (rd.write_pos >= START_TOKENS))
     m, ok = torch.cat(masses), torch.cat(oks)
     if not ok.any():  # a model that gets nothing right: no typical behaviour to compare
         z = torch.zeros(ffl.n_layers, ffl.n_heads)
@@ -324,7 +327,7 @@ class Diagnoser:
             "force_carrier": {
                 "intervention": f"the read heads attend only to the last write's carrier "
                 f"({offset_label(carrier)}) at the read",
-                "heads": [h["head"] for h in heads],
+                "heads": [head_name(*lh) for lh in self.ref.read_heads],
                 "prediction": pred,
                 "margin": round(margin, 4),
                 "fixes_read": margin > 0,

@@ -50,9 +50,14 @@ N_OFFSETS = 8
 OFFSETS = ("w", "bit", *(f"+{k}" for k in range(2, N_OFFSETS)), "later", "before")
 LATER, BEFORE = N_OFFSETS, N_OFFSETS + 1
 THRESHOLD = 0.5
-#: A head the read needs: mean-ablating its output at the read loses this share of the clean
-#: logit difference (half of it: the read then sits at most half as sure).
+#: A companion head: the read needs it (mean-ablating its output at the read loses at least
+#: NEEDED of the clean logit difference: the read is then at most half as sure), it carries no
+#: bit (restores under CARRIES_NOTHING), and it looks up one key (at least LOOKS_UP of its
+#: attention on one offset from the last write), so forcing it back onto that key is a small,
+#: meaningful intervention rather than a new input.
 NEEDED = 0.5
+CARRIES_NOTHING = 0.1
+LOOKS_UP = 0.5
 
 
 def offset_label(offset: int) -> str:
@@ -671,8 +676,14 @@ def detect_read_heads(
     n_heads = model.n_heads
     for k in torch.nan_to_num(fx.needed.flatten(), nan=-math.inf).argsort(descending=True).tolist():
         lh = divmod(k, n_heads)
-        if lh not in carriers and float(fx.needed[lh]) >= NEEDED:
-            out.companions[lh] = carrier_of(fx.offsets[lh])
+        target = carrier_of(fx.offsets[lh])
+        if (
+            lh not in carriers
+            and float(fx.needed[lh]) >= NEEDED
+            and abs(float(fx.restored[lh])) < CARRIES_NOTHING
+            and float(fx.offsets[lh][target]) >= LOOKS_UP
+        ):
+            out.companions[lh] = target
     if check is not None:
         chk, chk_name = _resolve(check, n, seq_len)
         cx = head_effects(model, flip_batch(chk, seed), batch_size=batch_size)

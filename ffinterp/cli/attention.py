@@ -103,7 +103,7 @@ def attention(
     rd = reads(tokens)
     chosen = _choose_reads(read, len(rd))
     rh = detect_read_heads(model, "in", "sparse", n=ref_n, seq_len=block)
-    shown = list(rh.heads)
+    shown = list(rh.targets)  # the read heads, then the companion heads
     if layer is not None and (layer, head) not in shown:
         shown.append((layer, head))
     ra = read_attention(model, tokens, read_heads=rh.heads, carrier=rh.carrier)
@@ -115,11 +115,16 @@ def attention(
     typer.echo("")
     cols = "".join(f"{head_name(*h):>8}" for h in shown)
     header = f"{'read':>5}{'pos':>6}{'gap':>6}{'bit':>5}{'pred':>6}{'p(bit)':>8}{cols}"
-    typer.echo(f"mass on the last write's carrier ({offset_label(rh.carrier)}) at each chosen read:")
+    looks = ", ".join(f"{head_name(*h)} on {offset_label(t)}" for h, t in rh.targets.items())
+    typer.echo(f"attention on each head's target relative to the last write ({looks}) at each chosen read:")
     typer.echo(f"{header}  top keys of {head_name(*shown[0])}")
     l0, h0 = shown[0]
     for k in chosen:
-        vals = "".join(f"{float(ra.last_write_mass[k, l, h]):>8.4f}" for l, h in shown)
+        wp, pos = int(rd.write_pos[k]), int(rd.pos[k])
+        vals = "".join(
+            f"{float(ra.rows[k, l, h, min(wp + rh.targets.get((l, h), rh.carrier), pos)]):>8.4f}"
+            for l, h in shown
+        )
         top = " ".join(f"{t['pos']}:{t['token']}({t['mass']:.2f})" for t in ra.top(k, l0, h0))
         bit = "01"[int(rd.bit[k]) - 3]
         pred = "wri01"[int(scores.pred[k])]
