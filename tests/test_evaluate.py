@@ -189,8 +189,8 @@ def test_inference_trunk_gives_the_block_paths_logits(cfg):
     assert (at_reads - ref_sparse[mask]).abs().max() <= 1e-5
     seen = []
     handle = model.transformer.h[0].register_forward_hook(lambda *a: seen.append(1))
-    with torch.no_grad():
-        assert torch.equal(model(tokens), ref)  # a module hook forces the block path
+    with torch.no_grad():  # a hooked block: the rest of the model keeps its inference path
+        assert (model(tokens) - ref).abs().max() <= 1e-5
     handle.remove()
     assert seen
 
