@@ -7,12 +7,16 @@ in the README's "Using ffinterp with other tools" runs as written where it can r
 
 from __future__ import annotations
 
+import linecache
+
 import nnsight
 import pytest
 import torch
+from test_readme import python_blocks
 from torch import nn
 
 import ffinterp
+from ffinterp.analysis.patching import activation_patch
 from ffinterp.models import gpt
 from ffinterp.models.gpt import GPT
 
@@ -157,3 +161,76 @@ def test_inference_path_runs_when_nothing_watches(monkeypatch, tokens: torch.Ten
         assert close(fast(tokens), want)
     handle.remove()
     assert len(made) == 2  # each block its own: nothing watches inside either
+
+
+# ---------------------------------------------------------------- the README's section
+
+TOOLS = "Using ffinterp with other tools"
+# Tools that are not ffinterp dependencies (auto-circuit cannot even install beside it as
+# declared): their blocks were run by hand in a TransformerLens 3.9 environment.
+NOT_INSTALLED = ("auto_circuit", "circuitsvis")
+
+
+def tools_block(marker: str) -> str:
+    """The one block of the section that contains ``marker``."""
+    found = [b for b in python_blocks(TOOLS) if marker in b]
+    assert len(found) == 1, marker
+    return found[0]
+
+
+def run_block(marker: str) -> dict:
+    """Run a block as a user would paste it. nnsight reads the source of a trace's body, so the
+    block's lines go into linecache under their own name (not README.md's)."""
+    code, name = tools_block(marker), f"<README.md: {marker}>"
+    linecache.cache[name] = (len(code), None, code.splitlines(True), name)
+    scope: dict = {}
+    exec(compile(code, name, "exec"), scope)
+    return scope
+
+
+def test_readme_tools_section_runs_every_block_that_can_run_here() -> None:
+    blocks = python_blocks(TOOLS)
+    runnable = [b for b in blocks if not any(f"import {m}" in b or f"from {m}" in b for m in NOT_INSTALLED)]
+    assert len(blocks) == 5
+    # each of these is run by a test below
+    assert [
+        m for m in ("nnsight.NNsight", "patching.get_act_patch", "full_patterns") for b in runnable if m in b
+    ] == [
+        "nnsight.NNsight",
+        "patching.get_act_patch",
+        "full_patterns",
+    ]
+    assert len(runnable) == 3
+
+
+def test_readme_nnsight_block_traces_in_inference_mode() -> None:
+    scope = run_block("nnsight.NNsight")
+    want = direct(scope["model"].fast, scope["x"])
+    assert tuple(scope["attn"].shape) == (8, T, 128)
+    assert torch.equal(scope["attn"], want["attn1"])
+    assert torch.equal(scope["resid"], want["h1"])
+    assert torch.equal(scope["logits"], want["logits"])
+
+
+@pytest.mark.tl3
+def test_readme_transformer_lens_patching_block_finds_the_heads_ffinterp_finds() -> None:
+    scope = run_block("patching.get_act_patch")
+    restored = scope["restored"].detach()
+    assert tuple(restored.shape) == (2, 4)
+    ours = activation_patch(scope["model"], scope["pair"], "z", by_pos=False).values
+    assert (restored - ours).abs().max() <= 1e-4
+    # the figures the README quotes
+    assert round(float(restored[0, 0]), 2) == 1.00 and round(float(restored[1, 0]), 2) == 0.98
+    others = torch.cat([restored[0, 1:], restored[1, 1:]])
+    assert others.abs().max() <= 0.03
+
+
+@pytest.mark.tl3
+def test_readme_circuitsvis_inputs_are_the_hooked_patterns() -> None:
+    scope = run_block("full_patterns")
+    patterns, tokens, x = scope["patterns"], scope["tokens"], scope["x"]
+    assert tuple(patterns.shape) == (4, 64, 64) and patterns.dtype == torch.float32
+    assert len(tokens) == 64 and all(len(t) == 1 for t in tokens) and scope["names"][0] == "L1H0"
+    _, cache = scope["model"].hooked.run_with_cache(x, names_filter=["blocks.1.attn.hook_pattern"])
+    assert (patterns - cache["blocks.1.attn.hook_pattern"][0].cpu()).abs().max() <= 1e-6
+    assert torch.allclose(patterns.sum(-1), torch.ones(4, 64), atol=1e-5)
