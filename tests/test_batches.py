@@ -57,6 +57,7 @@ def test_pass_size_bounds_the_activations(model: ffinterp.FFLModel) -> None:
     assert rows_per_pass(model.hooked, T, memory_mb=BUDGET_MB) == 3
 
 
+@pytest.mark.tl3
 def test_predict_reads_runs_in_passes_with_the_same_scores(
     model: ffinterp.FFLModel, tokens: torch.Tensor, small_budget
 ) -> None:
@@ -75,6 +76,7 @@ def test_predict_reads_runs_in_passes_with_the_same_scores(
     assert torch.allclose(got.p_correct, want.p_correct, atol=1e-6, rtol=0)
 
 
+@pytest.mark.tl3
 def test_logits_of_both_views_run_in_passes(
     model: ffinterp.FFLModel, tokens: torch.Tensor, small_budget
 ) -> None:
@@ -119,6 +121,7 @@ def test_fast_scoring_helpers_run_in_passes(
     assert torch.allclose(score_rows(fast, tokens).min_margin.float(), per_row, atol=1e-5, rtol=0)
 
 
+@pytest.mark.tl3
 def test_attention_rows_and_patterns_run_in_passes(
     model: ffinterp.FFLModel, tokens: torch.Tensor, monkeypatch
 ) -> None:
