@@ -161,8 +161,8 @@ def test_bad_arguments_are_one_line_errors(tiny):
         dict(pos_embedding="sinusoidal", activation="gelu_new", ln_eps=1e-3),
     ],
 )
-def test_inference_trunk_gives_the_block_paths_logits(cfg):
-    """Eval without autograd takes the fused trunk; it must match the training path's forward."""
+def test_inference_path_gives_the_block_paths_logits(cfg):
+    """Eval without autograd takes the blocks' inference path; it must match the training path's forward."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=3, n_embd=64, n_head=4, block_size=T, **cfg)).eval()
     with torch.no_grad():
