@@ -4,9 +4,10 @@ Prints tokens/s for a batch of 64 x 512 on the ``tiny`` and ``small`` presets, o
 (where present) CUDA, and the model FLOPs achieved as a fraction of an fp32 matmul peak
 measured in the same run. Targets: fast >= 5x hooked; >= 40% of peak for ``small`` on CPU.
 
-Rows: ``fast`` is the inference trunk (eval mode, no autograd: what evaluation and the
-glitch search run); ``plain`` is the same model through its ordinary block-by-block
-SDPA forward (the training path, without autograd); ``hooked`` is the TransformerLens view.
+Rows: ``fast`` is the blocks' inference path (eval mode, no autograd, nothing watching the
+model: what evaluation and the glitch search run); ``plain`` is the same model through its
+ordinary block-by-block SDPA forward (the training path, without autograd; also what runs
+while hooks or wrappers such as nnsight watch it); ``hooked`` is the TransformerLens view.
 
 On a shared machine wall time depends on the neighbours, so every row also gives the
 CPU-time figures (FLOPs per CPU-second of this process, peak measured the same way).

@@ -22,7 +22,7 @@ from ffinterp import language
 from ffinterp.device import resolve_device
 from ffinterp.models.gpt import GPT
 from ffinterp.models.lstm import LSTM
-from ffinterp.scoring import ReadScores, score_tokens
+from ffinterp.scoring import ReadScores, rows_per_pass, score_tokens
 from ffinterp.tl_seam import TL_LINE, build_hooked
 
 TokensOrText = str | list[str] | tuple[str, ...] | Int[Tensor, "*batch seq"]
@@ -126,20 +126,29 @@ class FFLModel:
     @torch.no_grad()
     def fast_logits(self, tokens: TokensOrText) -> Float[Tensor, "batch seq vocab"]:
         """Logits of the fast model (the view for bulk scoring), no gradients."""
-        return self.fast(self._as_batch(tokens).to(self.device))
+        return self._in_passes(self.fast, tokens)
 
     @torch.no_grad()
     def hooked_logits(self, tokens: TokensOrText) -> Float[Tensor, "batch seq vocab"]:
-        """Logits of the hooked model, which must equal :meth:`fast_logits` (to 1e-4)."""
+        """Logits of the hooked model, which must equal :meth:`fast_logits` (see the README
+        for the tolerance)."""
         if self.hooked is None:
             raise ValueError(f"{self.name}: an LSTM has no hooked view")
-        return self.hooked(self._as_batch(tokens).to(self.device))
+        return self._in_passes(self.hooked, tokens)
+
+    def _in_passes(self, forward: nn.Module, tokens: TokensOrText) -> Float[Tensor, "batch seq vocab"]:
+        """``forward`` over the batch in passes of :func:`rows_per_pass` rows: the logits are
+        the whole batch's, the activations only one pass's."""
+        batch = self._as_batch(tokens)
+        rows = rows_per_pass(forward, batch.shape[1])
+        return torch.cat([forward(chunk.to(self.device)) for chunk in batch.split(rows)])
 
     def predict_reads(self, tokens_or_text: TokensOrText) -> ReadScores:
         """For every read: the predicted token, p(correct bit) and the margin (on CPU).
 
         Uses the hooked model, the analysis view, so these are the numbers that attention
-        and patching results explain; the LSTM uses its fast model.
+        and patching results explain; the LSTM uses its fast model. Any number of sequences:
+        they run in passes of bounded memory, keeping only the logits at reads.
         """
         forward = self.hooked if self.hooked is not None else self.fast
         return score_tokens(forward, self._as_batch(tokens_or_text), device=self.device)

@@ -201,8 +201,8 @@ def test_bad_arguments_are_one_line_errors(tiny):
         dict(pos_embedding="sinusoidal", activation="gelu_new", ln_eps=1e-3),
     ],
 )
-def test_inference_trunk_gives_the_block_paths_logits(cfg):
-    """Eval without autograd takes the fused trunk; it must match the training path's forward."""
+def test_inference_path_gives_the_block_paths_logits(cfg):
+    """Eval without autograd takes the blocks' inference path; it must match the training path's forward."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=3, n_embd=64, n_head=4, block_size=T, **cfg)).eval()
     with torch.no_grad():
@@ -229,8 +229,8 @@ def test_inference_trunk_gives_the_block_paths_logits(cfg):
     assert (at_reads - ref_sparse[mask]).abs().max() <= 1e-5
     seen = []
     handle = model.transformer.h[0].register_forward_hook(lambda *a: seen.append(1))
-    with torch.no_grad():
-        assert torch.equal(model(tokens), ref)  # a module hook forces the block path
+    with torch.no_grad():  # a hooked block: the rest of the model keeps its inference path
+        assert (model(tokens) - ref).abs().max() <= 1e-5
     handle.remove()
     assert seen
 

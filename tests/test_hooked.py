@@ -6,6 +6,8 @@ the hooked model is a ``HookedTransformer`` instead of a ``TransformerBridge``.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformer_lens import patching
@@ -17,11 +19,20 @@ from ffinterp.hooked import FFLModel, load_model
 from ffinterp.language import sample
 from ffinterp.models.gpt import GPT, GPTConfig
 from ffinterp.models.lstm import LSTM, LSTMConfig
+from ffinterp.pretrained import index
 from ffinterp.scoring import score_tokens
 from ffinterp.tl_seam import IS_BRIDGE, TL_LINE, shared_hook_names
 
 T = 64
-TOL = 1e-4
+TOL = 1e-4  # the small random models here; the shipped ones get NOISE_FACTOR x float32 noise
+
+# The fast and hooked views round differently, and a trained model's LayerNorms amplify
+# rounding where the residual stream's spread is small (glitchy-512: std 0.18 beside
+# entries of 32), so a fixed tolerance does not fit every model. The yardstick is the fast
+# model's own float32 error on the batch. Measured on 336 batches of 4 x T over the six shipped
+# transformers, |fast - hooked| reached 4.2 times it (median 0.9); 8 leaves twice that.
+NOISE_FACTOR = 8.0
+SHIPPED_GPTS = [e["name"] for e in index() if e["arch"] == "gpt"]
 
 
 def random_gpt(seed: int = 0, **kw) -> GPT:
@@ -67,6 +78,28 @@ def test_hooked_logits_equal_fast(kw: dict, tokens: torch.Tensor) -> None:
     assert fast.shape == (3, T, 5)
     assert (fast - hooked).abs().max().item() <= TOL
     assert not m.hooked.training
+
+
+def float32_noise(fast: GPT, tokens: torch.Tensor) -> float:
+    """How far float32 arithmetic alone moves ``fast``'s logits on ``tokens``: the largest
+    distance from the same model in float64, and at least one ulp of the largest logit."""
+    f64 = copy.deepcopy(fast).double()
+    with torch.inference_mode():
+        f32 = fast(tokens)
+        exact = f64(tokens)
+    eps = torch.finfo(torch.float32).eps
+    return max((f32.double() - exact).abs().max().item(), eps * f32.abs().max().item())
+
+
+@pytest.mark.tl3
+@pytest.mark.parametrize("name", SHIPPED_GPTS)
+def test_shipped_models_hooked_equals_fast_within_float32_noise(name: str) -> None:
+    m = load_model(f"pretrained:{name}", device="cpu")
+    x = sample(4, m.cfg.block_size, p_i=0.8, seed=0)
+    noise = float32_noise(m.fast, x)
+    diff = (m.fast_logits(x) - m.hooked_logits(x)).abs().max().item()
+    assert diff <= NOISE_FACTOR * noise, f"{name}: {diff:.2e} > {NOISE_FACTOR} x {noise:.2e}"
+    assert noise <= 1e-2  # float32 noise, not a mapping error hiding in the yardstick
 
 
 @pytest.mark.tl3

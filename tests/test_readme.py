@@ -10,20 +10,27 @@ import pytest
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+def python_blocks(section: str) -> list[str]:
+    """The Python code blocks under the README's ``## section`` heading, in order."""
+    text = README.read_text()
+    start = text.index(f"\n## {section}\n")
+    end = text.find("\n## ", start + 1)
+    return re.findall(r"```python\n(.*?)```", text[start : end if end >= 0 else None], re.S)
+
+
+LIBRARY, STRATEGY = "Ten lines of library", "Adding a glitch-search strategy"
 
 
 def test_readme_has_the_library_example_and_the_strategy_example() -> None:
-    blocks = python_blocks()
-    assert len(blocks) == 2
-    assert len([line for line in blocks[0].splitlines() if line.strip()]) <= 10  # "ten lines"
+    library, strategy = python_blocks(LIBRARY), python_blocks(STRATEGY)
+    assert len(library) == 1 and len(strategy) == 1
+    assert len([line for line in library[0].splitlines() if line.strip()]) <= 10  # "ten lines"
 
 
 @pytest.mark.slow
 def test_library_example_runs(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    code = python_blocks()[0].replace("budget=5000", "budget=1000").replace("n=64)", "n=16)")
+    code = python_blocks(LIBRARY)[0].replace("budget=5000", "budget=1000").replace("n=64)", "n=16)")
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
     report = scope["report"]
@@ -38,7 +45,7 @@ def test_strategy_example_registers_and_searches() -> None:
     from ffinterp.language import I, W, reads
     from ffinterp.models.constructed import circuit_model
 
-    exec(compile(python_blocks()[1], "README.md", "exec"), {})
+    exec(compile(python_blocks(STRATEGY)[0], "README.md", "exec"), {})
     try:
         assert "all-ignores" in STRATEGIES
         import ffinterp

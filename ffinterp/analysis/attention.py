@@ -241,38 +241,54 @@ def _chunks(
 def read_rows(
     model, tokens: Int[Tensor, "batch seq"], rd: Reads | None = None
 ) -> Float[Tensor, "reads layer head key"]:
-    """Every head's attention row at every read of one chunk (float32, on the model's device).
+    """Every head's attention row at every read (float32, on the model's device).
 
-    One forward pass with ``run_with_cache`` that keeps only the attention patterns.
+    ``run_with_cache`` keeps only the attention patterns, over passes of
+    :func:`auto_batch_size` rows, so a large batch costs only its output in memory.
     """
     _check_model(model)
     tokens = torch.as_tensor(tokens)
     tokens = tokens[None] if tokens.ndim == 1 else tokens
     rd = reads(tokens) if rd is None else rd
-    if tokens.shape[-1] > model.cfg.block_size:
-        raise FFInterpError(
-            f"sequences of length {tokens.shape[-1]} exceed the model's block_size {model.cfg.block_size}"
-        )
-    names = {PATTERN.format(l=l) for l in range(model.n_layers)}
+    t = tokens.shape[-1]
+    if t > model.cfg.block_size:
+        raise FFInterpError(f"sequences of length {t} exceed the model's block_size {model.cfg.block_size}")
     dev = model.device
+    out = torch.empty(len(rd), model.n_layers, model.n_heads, t, device=dev)
+    step = auto_batch_size(model, t)
     with torch.inference_mode():
-        _, cache = model.hooked.run_with_cache(tokens.to(dev), names_filter=lambda n: n in names)
-        b, p = rd.batch.to(dev), rd.pos.to(dev)
-        rows = torch.stack([cache[PATTERN.format(l=l)][b, :, p, :].float() for l in range(model.n_layers)], 1)
-        del cache
-    return rows
+        for lo in range(0, len(tokens), step):
+            mine = ((rd.batch >= lo) & (rd.batch < lo + step)).nonzero().squeeze(1)
+            if len(mine):
+                patterns = _patterns(model, tokens[lo : lo + step])
+                b, p = (rd.batch[mine] - lo).to(dev), rd.pos[mine].to(dev)
+                out[mine.to(dev)] = torch.stack([pat[b, :, p, :].float() for pat in patterns], 1)
+                del patterns
+    return out
 
 
 def full_patterns(model, tokens: Int[Tensor, "batch seq"]) -> Float[Tensor, "batch layer head query key"]:
-    """Whole attention patterns of a few sequences (for heatmaps; memory grows as T^2)."""
+    """Whole attention patterns of a few sequences (for heatmaps; the output grows as T^2,
+    the passes that fill it by :func:`auto_batch_size` rows)."""
     _check_model(model)
     tokens = torch.as_tensor(tokens)
     tokens = tokens[None] if tokens.ndim == 1 else tokens
-    names = {PATTERN.format(l=l) for l in range(model.n_layers)}
+    b, t = tokens.shape
+    out = torch.empty(b, model.n_layers, model.n_heads, t, t)
+    step = auto_batch_size(model, t)
     with torch.inference_mode():
-        _, cache = model.hooked.run_with_cache(tokens.to(model.device), names_filter=lambda n: n in names)
-        out = torch.stack([cache[PATTERN.format(l=l)].float().cpu() for l in range(model.n_layers)], 1)
+        for lo in range(0, b, step):
+            out[lo : lo + step] = torch.stack(
+                [p.float().cpu() for p in _patterns(model, tokens[lo : lo + step])], 1
+            )
     return out
+
+
+def _patterns(model, tokens: Int[Tensor, "batch seq"]) -> list[Float[Tensor, "batch head query key"]]:
+    """Each layer's attention pattern from one ``run_with_cache`` pass that keeps nothing else."""
+    names = {PATTERN.format(l=l) for l in range(model.n_layers)}
+    _, cache = model.hooked.run_with_cache(tokens.to(model.device), names_filter=lambda n: n in names)
+    return [cache[PATTERN.format(l=l)] for l in range(model.n_layers)]
 
 
 @dataclass

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ffinterp.analysis.search import relabel
 from ffinterp.language import ONE, ZERO, I, R, last_write_pos, to_text
+from ffinterp.scoring import rows_per_pass
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,8 @@ def margin_at(
 ) -> Float[Tensor, " batch"]:
     """Margin of each row's read at ``pos`` (logit of the last written bit minus the best other)."""
     bit = tokens[torch.arange(len(tokens)), last_write_pos(tokens)[:, pos] + 1]
-    at = model(tokens.to(device))[:, pos].float().cpu()
+    passes = tokens.split(rows_per_pass(model, tokens.shape[1]))  # bounded memory for any batch
+    at = torch.cat([model(c.to(device))[:, pos].float().cpu() for c in passes])
     correct = at.gather(1, bit[:, None]).squeeze(1)
     others = at.scatter(1, bit[:, None], float("-inf")).amax(1)
     return correct - others

@@ -43,6 +43,7 @@ from ffinterp.analysis.hookcheck import HookCheck
 from ffinterp.analysis.pairs import Pair
 from ffinterp.analysis.results import PatchResult, head_label, position_labels
 from ffinterp.errors import FFInterpError
+from ffinterp.scoring import rows_per_pass
 
 METRICS = ("logit_diff", "prob", "ce")
 DEFAULT_MEMORY_MB = 512.0
@@ -98,10 +99,7 @@ def auto_batch_size(hk, seq_len: int, memory_mb: float = DEFAULT_MEMORY_MB) -> i
     batches (tiny at T=512: 14 ms a site in batches of 4, 20 ms in batches of 27)."""
     if device_of(hk).type == "cpu":
         memory_mb = min(memory_mb, CPU_MEMORY_MB)
-    cfg = hk.cfg
-    d_mlp = getattr(cfg, "d_mlp", None) or 4 * cfg.d_model
-    per_row = 4 * (3 * cfg.n_heads * seq_len * seq_len + seq_len * (16 * cfg.d_model + 3 * d_mlp))
-    return int(max(1, min(1024, memory_mb * 2**20 // per_row)))
+    return min(1024, rows_per_pass(hk, seq_len, memory_mb))
 
 
 # ---------------------------------------------------------------- metric

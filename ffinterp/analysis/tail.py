@@ -82,6 +82,7 @@ from ffinterp.evaluate import _as_model
 from ffinterp.intervals import clopper_pearson
 from ffinterp.language import last_write_pos, read_mask
 from ffinterp.models.gpt import GPT
+from ffinterp.scoring import rows_per_pass
 
 METHODS = ("is", "mc")
 JOURNAL_ROWS = 2048  # sequences per journalled chunk: what a kill can cost at most
@@ -117,8 +118,9 @@ def score_rows(model: nn.Module, tokens: Int[Tensor, "batch seq"]) -> RowScores:
         raise FFInterpError("a read comes before any write: not a flip-flop sequence")
     bit = tokens.gather(1, (lw + 1).clamp(0, tokens.shape[1] - 1))
     slots = slice(0, None, 2)
-    logits = model(tokens, positions=slots) if isinstance(model, GPT) else model(tokens)[:, slots]
-    logits = logits.float()
+    passes = tokens.split(rows_per_pass(model, tokens.shape[1]))  # bounded memory for any batch
+    at = [model(c, positions=slots) if isinstance(model, GPT) else model(c)[:, slots] for c in passes]
+    logits = torch.cat(at).float()
     mask, bit = mask[:, slots], bit[:, slots]
     correct = logits.gather(-1, bit[..., None]).squeeze(-1)
     others = logits.scatter(-1, bit[..., None], float("-inf")).amax(-1)

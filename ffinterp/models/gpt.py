@@ -101,6 +101,57 @@ def sinusoidal_table(n_pos: int, d: int) -> Float[Tensor, "pos d"]:
     return table.float()
 
 
+class Scratch:
+    """Buffers that one inference forward reuses across its layers, one per name and shape.
+
+    Allocating the ~100 MB intermediates of a large batch anew in every layer costs as much
+    as a GEMM on a CPU (the OS zeroes every fresh page), so the inference path writes them
+    into these instead. Only tensors that no tool can see go here (see :func:`_unwatched`).
+
+    ``own_stream``: the caller holds the residual stream alone (nothing watches the model),
+    so each block adds into its input rather than into a new tensor.
+    """
+
+    def __init__(self, own_stream: bool = False) -> None:
+        self._buffers: dict[str, Tensor] = {}
+        self.own_stream = own_stream
+
+    def get(self, key: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return buf
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` that can write into a given buffer and add into a given tensor, for the
+    inference path (the same GEMM kernel as ``F.linear``).
+
+    ``add``: return ``add + linear(x)``, the addition done in the GEMM's accumulator (the
+    residual add fused into the projection); ``out``: write the result there (it may be
+    ``add`` itself, for an add in place).
+    """
+
+    def forward(self, x: Tensor, out: Tensor | None = None, add: Tensor | None = None) -> Tensor:
+        if out is None and add is None:
+            return F.linear(x, self.weight, self.bias)
+        shape = (*x.shape[:-1], self.out_features)
+        x2, w = x.reshape(-1, self.in_features), self.weight.t()
+        if add is None:
+            res = out.view(-1, self.out_features)
+            if self.bias is None:
+                return torch.mm(x2, w, out=res).view(shape)
+            return torch.addmm(self.bias, x2, w, out=res).view(shape)
+        acc = add.view(-1, self.out_features) if out is add else add.reshape(-1, self.out_features)
+        if out is add:
+            res = acc.addmm_(x2, w)
+        else:
+            res = torch.addmm(acc, x2, w, **({} if out is None else {"out": out.view(-1, self.out_features)}))
+        if self.bias is not None:
+            res.add_(self.bias)
+        return res.view(shape)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with optional bias (nanoGPT's); eps follows the source checkpoint."""
 
@@ -118,16 +169,28 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_attn = Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_drop = nn.Dropout(cfg.rate("resid"))
         self.attn_p = cfg.rate("attn")
 
-    def forward(self, x: Tensor, need_pattern: bool = False) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self,
+        x: Tensor,
+        need_pattern: bool = False,
+        scratch: Scratch | None = None,
+        residual: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """The attention output and, with ``need_pattern``, its rows ``[batch, head, q, k]``.
+
+        With ``residual`` the output is ``residual + attention``, which the inference path
+        computes in one GEMM (into ``residual`` itself when ``scratch.own_stream``).
+        """
         b, t, c = x.shape
         h = self.cfg.n_head
-        q, k, v = self.c_attn(x).split(c, dim=2)
-        q, k, v = (z.view(b, t, h, c // h).transpose(1, 2) for z in (q, k, v))
+        scratch = _scratch_for(self, scratch, need_pattern)
+        qkv = self.c_attn(x, scratch.get("qkv", (b, t, 3 * c), x)) if scratch is not None else self.c_attn(x)
+        q, k, v = (z.view(b, t, h, c // h).transpose(1, 2) for z in qkv.split(c, dim=2))
         pattern = None
         if need_pattern:
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(c // h)
@@ -137,20 +200,33 @@ class CausalSelfAttention(nn.Module):
         else:
             p = self.attn_p if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        y = y.transpose(1, 2).reshape(b, t, c)
-        return self.resid_drop(self.c_proj(y)), pattern
+        if scratch is not None:  # heads merged into a reused buffer rather than a fresh copy
+            merged = scratch.get("merged", (b, t, c), x)
+            merged.view(b, t, h, c // h).copy_(y.transpose(1, 2))
+            into = residual if scratch.own_stream else None
+            return self.resid_drop(self.c_proj(merged, out=into, add=residual)), None  # eval: identity
+        out = self.resid_drop(self.c_proj(y.transpose(1, 2).reshape(b, t, c)))
+        return (out if residual is None else residual + out), pattern
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_fc = Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.rate("resid"))
         self.approximate = "tanh" if cfg.activation == "gelu_new" else "none"
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
+    def forward(self, x: Tensor, scratch: Scratch | None = None, residual: Tensor | None = None) -> Tensor:
+        """The MLP's output; with ``residual``, ``residual + output``, which the inference path
+        adds into ``residual`` in place (the caller's own fresh tensor)."""
+        scratch = _scratch_for(self, scratch)
+        if scratch is not None:  # the hidden layer in a reused buffer, GELU in place
+            hidden = self.c_fc(x, scratch.get("hidden", (*x.shape[:-1], self.c_fc.out_features), x))
+            torch.ops.aten.gelu_(hidden, approximate=self.approximate)
+            return self.drop(self.c_proj(hidden, out=residual, add=residual))  # dropout: eval, identity
+        out = self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
+        return out if residual is None else residual + out
 
 
 class Block(nn.Module):
@@ -164,12 +240,64 @@ class Block(nn.Module):
             self.mlp = MLP(cfg)
         self.attn_only = cfg.attn_only
 
-    def forward(self, x: Tensor, need_pattern: bool = False) -> tuple[Tensor, Tensor | None]:
-        a, pattern = self.attn(self.ln_1(x), need_pattern)
-        x = x + a
+    def forward(
+        self, x: Tensor, need_pattern: bool = False, scratch: Scratch | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """The residual stream after this block.
+
+        In eval mode without autograd, and with nothing watching its parts, the block takes
+        its inference path: buffers reused across layers, residual adds fused into the
+        projections. The result is a new tensor and ``x`` is left as it was, unless the
+        caller's ``scratch.own_stream`` lets the block add into ``x``.
+        """
+        scratch = _scratch_for(self, scratch, need_pattern)
+        if scratch is None:
+            a, pattern = self.attn(self.ln_1(x), need_pattern)
+            x = x + a
+            if not self.attn_only:
+                x = x + self.mlp(self.ln_2(x))
+            return x, pattern
+        out, _ = self.attn(self.ln_1(x), scratch=scratch, residual=x)  # nobody else holds out
         if not self.attn_only:
-            x = x + self.mlp(self.ln_2(x))
-        return x, pattern
+            out = self.mlp(self.ln_2(out), scratch=scratch, residual=out)  # added into out
+        return out, None
+
+
+# What the inference path knows the forward of; anything else swapped in is a wrapper.
+_OWN_MODULES = (Block, CausalSelfAttention, MLP, LayerNorm, Linear, nn.Identity, nn.Dropout, nn.Embedding)
+
+
+def _unwatched(module: nn.Module) -> bool:
+    """Whether nothing can see inside ``module``: no forward hooks on its submodules (nor
+    global ones), no ``forward`` replaced on an instance (nnsight and accelerate wrap modules
+    that way, without hooks), no foreign module swapped in.
+
+    Only then may its forward reuse buffers and add in place, which would otherwise change
+    a tensor that a tool holds. Either way every submodule is called.
+    """
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return False
+    for m in module.modules():
+        if m is module or isinstance(m, (nn.ModuleList, nn.ModuleDict)):
+            continue
+        if m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ or type(m) not in _OWN_MODULES:
+            return False
+    return True
+
+
+def _scratch_for(module: nn.Module, scratch: Scratch | None, need_pattern: bool = False) -> Scratch | None:
+    """The buffers ``module``'s forward may reuse, or None for its plain path.
+
+    The inference path needs eval mode, no autograd and no attention rows asked for. A
+    caller that passes ``scratch`` has checked :func:`_unwatched` over this module already.
+    """
+    if need_pattern or module.training or torch.is_grad_enabled():
+        return None
+    if scratch is not None:
+        return scratch
+    return Scratch() if _unwatched(module) else None
 
 
 class GPT(nn.Module):
@@ -188,7 +316,7 @@ class GPT(nn.Module):
                 ln_f=norm,
             )
         )
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
@@ -220,25 +348,40 @@ class GPT(nn.Module):
         that can hold reads); with ``need_patterns`` also each layer's attention pattern
         ``[batch, head, query, key]``.
 
-        In eval mode without autograd (``torch.inference_mode`` / ``no_grad``) the trunk runs
-        :meth:`_inference_trunk`, which gives the same logits (to float rounding) faster.
+        Every block is called as a module, so hooks and wrappers (nnsight) see it run. In
+        eval mode without autograd (``torch.inference_mode`` / ``no_grad``) each block takes
+        its inference path, which gives the same logits (to float rounding) faster.
+        """
+        x, patterns = self._blocks(idx, self.transformer.h, need_patterns)
+        if positions is not None:
+            x = x[:, positions]
+        logits = self.lm_head(self.transformer.ln_f(x))
+        return (logits, patterns) if need_patterns else logits
+
+    def _blocks(
+        self, idx: Int[Tensor, "batch seq"], blocks: nn.ModuleList, need_patterns: bool = False
+    ) -> tuple[Float[Tensor, "batch seq d_model"], list[Tensor | None]]:
+        """The residual stream after ``blocks``, each called as a module, and their patterns.
+
+        When nothing watches the model the blocks share one :class:`Scratch` and one
+        residual stream, added into in place.
         """
         t = idx.shape[1]
         if t > self.cfg.block_size:
             raise ValueError(f"sequence of length {t} exceeds block_size {self.cfg.block_size}")
         tr = self.transformer
+        shared = _scratch_for(self, None, need_patterns)
+        if shared is not None:
+            shared.own_stream = True  # x below is this call's own; no hook or wrapper sees it
+        x = tr.wte(idx)
+        x = tr.drop(x.add_(tr.wpe.weight[:t]) if shared is not None else x + tr.wpe.weight[:t])
         patterns = []
-        if not (need_patterns or self.training or torch.is_grad_enabled() or self._hooked_modules()):
-            x = self._inference_trunk(idx)
-        else:
-            x = tr.drop(tr.wte(idx) + tr.wpe.weight[:t])
-            for block in tr.h:
-                x, pattern = block(x, need_patterns)
-                patterns.append(pattern)
-        if positions is not None:
-            x = x[:, positions]
-        logits = self.lm_head(tr.ln_f(x))
-        return (logits, patterns) if need_patterns else logits
+        for block in blocks:
+            x, pattern = (
+                block(x, need_patterns, scratch=shared) if shared is not None else block(x, need_patterns)
+            )
+            patterns.append(pattern)
+        return x, patterns
 
     @torch.inference_mode()
     def logits_at(
@@ -250,16 +393,17 @@ class GPT(nn.Module):
         the last block runs its queries, attention output and MLP at those positions alone
         (keys and values still at every position). Same weights and operations as
         :meth:`forward`; the result equals ``forward(idx)[query]`` to float rounding.
-        Falls back to the full forward when hooks, dropout or autograd need it.
+        Falls back to the full forward when dropout needs it or when anything watches the
+        model (hooks, wrappers), since the last block's own forward is not called.
         """
         per_row = query.sum(1)
         width = int(per_row.max()) if query.numel() else 0
-        if self.training or self._hooked_modules() or width == 0 or 4 * width > idx.shape[1]:
+        if self.training or not _unwatched(self) or width == 0 or 4 * width > idx.shape[1]:
             return self(idx)[query]
         cfg, tr = self.cfg, self.transformer
         b, t = idx.shape
         c, h = cfg.n_embd, cfg.n_head
-        x = self._inference_trunk(idx, skip_last=True)
+        x, _ = self._blocks(idx, tr.h[:-1])
         last = tr.h[-1]
         attn = last.attn
         ln = last.ln_1(x)
@@ -282,69 +426,3 @@ class GPT(nn.Module):
         if not last.attn_only:
             xq = xq + last.mlp(last.ln_2(xq))
         return self.lm_head(tr.ln_f(xq))
-
-    def _hooked_modules(self) -> bool:
-        """Whether module hooks are registered, which the inference trunk would bypass."""
-        from torch.nn.modules import module as torch_module
-
-        if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
-            return True
-        return any(m._forward_hooks or m._forward_pre_hooks for m in self.transformer.h.modules())
-
-    def _inference_trunk(
-        self, idx: Int[Tensor, "batch seq"], skip_last: bool = False
-    ) -> Float[Tensor, "batch seq d_model"]:
-        """The residual stream after the last block (before it, with ``skip_last``), for eval
-        mode without autograd.
-
-        Same weights and operations as the blocks' forward, rearranged for CPU speed (the
-        bulk-scoring path: evaluation and glitch search). Each layer writes into buffers
-        reused across layers instead of allocating ~100 MB tensors the OS must zero again;
-        the residual adds are GEMM accumulations in place (``addmm_``); GELU runs in place.
-        Differences from the training path are float rounding (~1e-7), not approximations.
-        """
-        cfg, tr = self.cfg, self.transformer
-        b, t = idx.shape
-        c, h = cfg.n_embd, cfg.n_head
-        x = tr.wte(idx)
-        x += tr.wpe.weight[:t]
-        flat = x.view(b * t, c)
-        buffers: dict[str, Tensor] = {}
-        for block in tr.h[:-1] if skip_last else tr.h:
-            attn = block.attn
-            qkv = _linear_into(block.ln_1(flat), attn.c_attn, buffers, "qkv")
-            q, k, v = (z.view(b, t, h, c // h).transpose(1, 2) for z in qkv.view(b, t, 3 * c).split(c, dim=2))
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            merged = _buffer(buffers, "merged", (b * t, c), flat)
-            merged.view(b, t, h, c // h).copy_(y.transpose(1, 2))
-            del y
-            _add_linear_(flat, merged, attn.c_proj)
-            if not block.attn_only:
-                mlp = block.mlp
-                hidden = _linear_into(block.ln_2(flat), mlp.c_fc, buffers, "hidden")
-                torch.ops.aten.gelu_(hidden, approximate=mlp.approximate)
-                _add_linear_(flat, hidden, mlp.c_proj)
-        return x
-
-
-def _buffer(buffers: dict[str, Tensor], key: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """A scratch tensor reused by every layer of one inference forward."""
-    buf = buffers.get(key)
-    if buf is None or buf.shape != shape:
-        buf = buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
-    return buf
-
-
-def _linear_into(x: Tensor, lin: nn.Linear, buffers: dict[str, Tensor], key: str) -> Tensor:
-    """``lin(x)`` for 2-D ``x``, written into a reused buffer (same kernel as ``F.linear``)."""
-    out = _buffer(buffers, key, (x.shape[0], lin.out_features), x)
-    if lin.bias is None:
-        return torch.mm(x, lin.weight.t(), out=out)
-    return torch.addmm(lin.bias, x, lin.weight.t(), out=out)
-
-
-def _add_linear_(residual: Tensor, x: Tensor, lin: nn.Linear) -> None:
-    """``residual += lin(x)`` in place: the GEMM accumulates straight into the stream."""
-    residual.addmm_(x, lin.weight.t())
-    if lin.bias is not None:
-        residual.add_(lin.bias)
