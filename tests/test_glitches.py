@@ -358,6 +358,26 @@ def test_the_glitch_is_put_down_to_the_abnormal_read_head_that_fixes_it() -> Non
     assert blamed_head([normal, wrong, diluted], fixes)["head"] == "L0H1"
     assert blamed_head([normal, wrong, diluted], {})["head"] == "L0H3"  # largest drop
     assert blamed_head([normal, _head("L1H0", "other", 0.5)], {})["head"] == "L1H2"  # all normal: first
+    # forcing is the causal test: a normal-looking head whose forcing fixes the read beats an
+    # abnormal one whose forcing does not
+    assert blamed_head([diluted, normal], {"L1H2": {"fixes_read": True}})["head"] == "L1H2"
+
+
+def test_failure_mode_judges_each_write_by_its_carrier() -> None:
+    from ffinterp.analysis.diagnose import failure_mode
+
+    tokens = from_text("w1i0w0i1w1i0i0r1")  # writes at 0, 4 (opposite bit) and 8; read at 14
+    row = torch.zeros(16)
+    row[[10, 6]] = torch.tensor([0.6, 0.4])  # carrier +2 of the last write, and of the decoy
+    split = failure_mode(row, tokens, 14, typical=0.8, low=0.1, carrier=2)
+    assert split["label"] == "wrong write" and split["split"] and split["write_pos"] == 4
+    row[[10, 6]] = torch.tensor([0.95, 0.05])
+    assert failure_mode(row, tokens, 14, typical=0.8, low=0.1, carrier=2)["label"] == "other"
+    assert failure_mode(row, tokens, 14, typical=0.99, low=0.97, carrier=2)["label"] == "dilution"
+    row[[10, 6]] = torch.tensor([0.0, 0.0])
+    row[8] = 1.0  # all on the last write's w token: for a carrier +2 head that is a miss
+    assert failure_mode(row, tokens, 14, typical=0.8, low=0.1, carrier=2)["label"] == "dilution"
+    assert failure_mode(row, tokens, 14, typical=0.8, low=0.1, carrier=0)["label"] == "other"
 
 
 def patch_hook(clean_act, head):

@@ -34,6 +34,8 @@ from ffinterp.language import VOCAB, I, Reads, W, last_write_pos, reads, to_text
 from ffinterp.scoring import score_tokens
 
 LABELS = ("dilution", "wrong write", "start drift", "other")
+#: A share of a read head's attention on an opposite-bit write that counts as a split.
+SPLIT = 0.25
 
 
 @contextmanager
@@ -123,7 +125,8 @@ def failure_mode(
     """One read head's failure, from its attention row at the read. Each write is judged by
     the mass on its carrier (``write + carrier``, the read itself where that comes later):
 
-    * wrong write: an earlier write's carrier holds more mass than the last write's;
+    * wrong write: an earlier write's carrier holds more mass than the last write's, or an
+      earlier write of the opposite bit holds at least ``SPLIT`` of it (``split``);
     * start drift: the opening write's carrier holds more than the last write's;
     * dilution: the last write's carrier still leads but holds less than ``low`` (the head's
       5th percentile on correct reads), the rest spread over other keys;
@@ -137,9 +140,13 @@ def failure_mode(
     lw_mass = on[lw]
     rivals = [p for p in writes if p != lw and p >= START_TOKENS]
     best = max(rivals, key=lambda p: (on[p], p), default=None)
-    if best is not None and on[best] > lw_mass:
+    # an earlier write that outweighs the last one, or an opposite-bit one holding a share
+    # large enough to tip the answer (a split between two writes)
+    decoy = best is not None and on[best] >= SPLIT and t[best + 1] != t[lw + 1]
+    if best is not None and (on[best] > lw_mass or decoy):
         return {
             "label": "wrong write",
+            "split": on[best] <= lw_mass,
             "write_pos": best,
             "bit": VOCAB[t[best + 1]],
             "same_bit": t[best + 1] == t[lw + 1],
@@ -162,18 +169,21 @@ def failure_mode(
 
 
 def blamed_head(heads: list[dict], per_head: dict[str, dict]) -> dict:
-    """The head (read head or companion) a glitch is put down to. One that looks normal must
-    not hide one that failed: prefer a head whose attention is abnormal and whose own forcing
-    fixes the read, then any abnormal head (the largest drop in mass on its target from its
-    typical value), then a normal-looking head whose forcing fixes it, then the first read
-    head."""
+    """The head (read head or companion) a glitch is put down to. Forcing is the causal test,
+    so a head whose own forcing fixes the read comes first (abnormal-looking before normal),
+    then an abnormal head (the largest drop in mass on its target from its typical value),
+    then the first read head: one that looks normal must not hide one that failed."""
     fixes = {h["head"] for h in heads if per_head.get(h["head"], {}).get("fixes_read")}
     abnormal = [h for h in heads if h["mode"]["label"] != "other"]
-    if not abnormal:
-        return next((h for h in heads if h["head"] in fixes), heads[0])
+    if not fixes and not abnormal:
+        return heads[0]
     return max(
-        abnormal,
-        key=lambda h: (h["head"] in fixes, h["typical_last_write_mass"] - h["last_write_mass"]),
+        heads,
+        key=lambda h: (
+            h["head"] in fixes,
+            h in abnormal,
+            h["typical_last_write_mass"] - h["last_write_mass"],
+        ),
     )
 
 
