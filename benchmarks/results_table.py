@@ -263,6 +263,47 @@ PAPER_SAYS = {
 }
 
 
+CIRCUITS = Path(__file__).parents[1] / "docs" / "circuits.json"
+
+
+def circuit_lines(circuits: dict, names: list[str]) -> list[str]:
+    """Per model, from ``benchmarks/circuits.py``: the heads named by patching, where they look,
+    the companions, and how the bit reaches the read head."""
+    if not circuits:
+        return []
+    lines = [
+        "",
+        "## The read circuit of each model (patching, not attention)",
+        "",
+        "From `python benchmarks/circuits.py` (docs/circuits.json): each head's output at the read",
+        "is patched from a clean run into one whose last write's bit is flipped; a head restoring",
+        "at least half the logit difference is a read head. Where it looks is given by offset from",
+        "the last write (`w`, its `bit`, `+2` the token after the bit, ...). Companions carry no",
+        "bit but the read needs them (mean-ablating them at the read loses at least half the logit",
+        "difference). The circuit lines come from path patching into the read head.",
+        "",
+        "| model | read heads (restored) | looks at | companions | w+bit attention of the head with most |",
+        "|---|---|---|---|---|",
+    ]
+    for name in names:
+        c = circuits.get(name)
+        if not c:
+            continue
+        eff = c["effect"]
+        heads = ", ".join(f"{h} ({eff[int(h[1])][int(h[3])]:.2f})" for h in c["read_heads"])
+        wm = c["write_mass"]
+        top = max(((l, h) for l in range(len(wm)) for h in range(len(wm[0]))), key=lambda k: wm[k[0]][k[1]])
+        decoy = f"L{top[0]}H{top[1]}: {wm[top[0]][top[1]]:.2f} on w+bit, restores {eff[top[0]][top[1]]:.2f}"
+        comps = ", ".join(f"{h} on {o}" for h, o in c.get("companions", {}).items()) or "none"
+        looks = ", ".join(f"{h} on {o}" for h, o in c["carrier"].items())
+        lines.append(f"| `{name}` | {heads} | {looks} | {comps} | {decoy} |")
+    for name in names:
+        c = circuits.get(name)
+        if c and c.get("circuit"):
+            lines += ["", f"**`{name}`**", ""] + [f"- {x}" for x in c["circuit"]["summary"]]
+    return lines
+
+
 def render(models: list[dict], search: dict) -> str:
     by = {m["name"]: m for m in models}
     order = [BASELINE, *MITIGATIONS, LSTM]
@@ -312,6 +353,10 @@ def render(models: list[dict], search: dict) -> str:
         "|---" * (1 + len(SETS)) + "|",
         *(f"| {' | '.join(row)} |" for row in REFERENCE),
         *findings(by, search),
+        *circuit_lines(
+            json.loads(CIRCUITS.read_text()) if CIRCUITS.exists() else {},
+            [m["name"] for m in models if m["arch"] != "lstm"],
+        ),
         "",
         "## Where this zoo differs from the paper",
         "",
