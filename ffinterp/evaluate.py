@@ -306,7 +306,7 @@ def evaluate(
     if not names or not all(names):
         raise FFInterpError(f"no evaluation sets given (known: {', '.join(STANDARD_SETS)})")
     if batch_size < 1:
-        raise FFInterpError(f"batch size must be >= 1, got {batch_size}")
+        raise FFInterpError(f"batch_size must be >= 1, got {batch_size}")
     if not 0 < confidence < 1:
         raise FFInterpError(f"confidence must be in (0, 1), got {confidence}")
     block = getattr(getattr(fast, "cfg", None), "block_size", None)
@@ -357,6 +357,7 @@ def evaluate(
                     reads, errors, bad = reads + r, errors + e, bad + b
                     bar.update(len(tokens))
                     bar.set_postfix(errors=errors, refresh=False)
+                    distributed.check_stop()  # a SIGTERM stops the scan here, between batches
             reads, errors, bad = dist.all_reduce_sum([reads, errors, bad]).tolist()
             seconds = time.perf_counter() - start  # after the sum: the slowest rank's time
             lo, hi = clopper_pearson(errors, reads, 1 - confidence)
