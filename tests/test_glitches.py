@@ -286,6 +286,51 @@ def test_cli_bad_options_in_process(ckpt, tmp_path, capsys, args, needle):
     assert len(err) == 1 and needle in err[0]
 
 
+def test_errors_name_python_arguments_and_the_cli_says_the_flags(ckpt, tmp_path, capsys):
+    """The library names what a caller passes (resume=True, out=, seq_len); the CLI, for the
+    same mistake, names its flags."""
+    from ffinterp.cli import main
+
+    out = tmp_path / "g"
+    find_glitches(ckpt, "random", 64, seed=9, out=out, max_glitches=1, minimize=False, **FAST)
+    with pytest.raises(FFInterpError) as e:
+        find_glitches(ckpt, "random", 64, seed=9, out=out, max_glitches=1, minimize=False, **FAST)
+    said = str(e.value)
+    assert (
+        said == f"{out} already holds a glitch search; pass resume=True to continue it or choose another out="
+    )
+    with pytest.raises(FFInterpError, match=r"^seq_len 128 exceeds the model's block size 64$"):
+        find_glitches(ckpt, "random", 64, **{**FAST, "seq_len": 128})
+    for args, line in (
+        ([], f"{out} already holds a glitch search; pass --resume to continue it or choose another --out"),
+        (["--seq-len", "128"], "--seq-len 128 exceeds the model's block size 64"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(["find-glitches", ckpt, "--out", str(out), "--quiet", "--seq-len", "64", *args])
+        assert e.value.code == 2
+        assert capsys.readouterr().err == f"ffinterp: error: {line}\n"
+
+
+def test_a_search_stopped_by_max_glitches_closes_its_bar_as_finished(ckpt, capsys):
+    report = find_glitches(ckpt, "random", 20_000, max_glitches=2, minimize=False, progress=True, **FAST)
+    assert len(report) == 2 and report.summary["scored"] < 20_000
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    done = report.summary["scored"]
+    assert "100%" in last and f"{done}/{done}" in last and "stopped: found the 2 glitches asked for" in last
+    assert "?" not in last.split("[")[-1].split(",")[0]  # no time left to count down
+
+
+def test_the_report_shows_its_table_outside_jupyter(ffl):
+    report = find_glitches(ffl, "random", 128, max_glitches=3, minimize=False, **FAST)
+    shown = repr(report).splitlines()
+    scored = report.summary["scored"]
+    assert shown[0].startswith(f"GlitchReport({len(report)} glitches in {scored} sequences scored")
+    assert shown[1].split()[:3] == ["#", "strategy", "read"] and len(shown) >= 2 + len(report)
+    assert str(report) == repr(report)
+    one = find_glitches(ffl, "random", 128, max_glitches=1, minimize=False, **FAST)
+    assert repr(one).startswith("GlitchReport(1 glitch in 64 sequences scored")
+
+
 def test_ground_truth_on_the_hand_built_circuit_at_low_sharpness():
     """Every glitch found lies in the closed-form region, every structured decoy case the
     closed form says fails is found, and the diagnosis names the dilution it is."""
