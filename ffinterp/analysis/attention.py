@@ -33,6 +33,7 @@ from torch import Tensor
 
 from ffinterp.errors import FFInterpError
 from ffinterp.language import VOCAB, R, Reads, W, reads
+from ffinterp.text import count
 
 PATTERN = "blocks.{l}.attn.hook_pattern"
 CATEGORIES = (
@@ -385,7 +386,8 @@ class ReadAttention:
     def _repr_html_(self) -> str:
         summary = self.head_summary()
         cap = (
-            f"{len(self)} reads in {len(self.tokens)} sequences of length {self.tokens.shape[-1]}: "
+            f"{count(len(self), 'read')} in {count(len(self.tokens), 'sequence')} "
+            f"of length {self.tokens.shape[-1]}: "
             "mean attention mass by key category"
         )
         v = summary.values.tolist()
@@ -652,8 +654,11 @@ class ReadHeads:
             f"read heads: {', '.join(head_name(*h) for h in self.heads)}"
             + ("" if self.passed else f" (best head; none reached {self.threshold})")
             + (f"; stable on check set: {'yes' if self.stable else 'no'}" if self.stable is not None else ""),
-            f"score = mean last_write_mass over reads; reference {self.reference} ({self.n_reads} reads)"
-            + (f", check {chk} ({self.n_check_reads} reads)" if self.check_score is not None else ""),
+            "score = mean last_write_mass over reads; "
+            f"reference {self.reference} ({count(self.n_reads, 'read')})"
+            + (
+                f", check {chk} ({count(self.n_check_reads, 'read')})" if self.check_score is not None else ""
+            ),
             f"{'head':<8}{'reference':>10}{'check':>10}  read head",
         ]
         for r in self.rows()[:limit]:

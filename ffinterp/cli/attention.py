@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from ffinterp.cli import app, check_out_file, fail
+from ffinterp.cli import Command, app, check_out_file, fail
+from ffinterp.text import count
 
 SPARSE_P_I = 0.98
 
@@ -35,9 +36,9 @@ def _choose_reads(spec: str | None, n_reads: int) -> list[int]:
     return out
 
 
-@app.command()
+@app.command(cls=Command)
 def attention(
-    ckpt: str = typer.Argument(..., help="ckpt.pt, nanoGPT, HF folder or pretrained:NAME."),
+    ckpt: str = typer.Argument(..., metavar="CKPT", help="ckpt.pt, nanoGPT, HF folder or pretrained:NAME."),
     seq: str = typer.Option(None, "--seq", help="One sequence as text, e.g. 'w1i0i1r1'."),
     seq_file: Path = typer.Option(None, "--seq-file", help="Text lines, jsonl or parquet; see --row."),
     row: int = typer.Option(0, "--row", help="Which sequence of --seq-file (0-based)."),
@@ -51,7 +52,11 @@ def attention(
     seed: int = typer.Option(0, "--seed", help="Seed of the sparse sequence used without --seq."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA if present), cpu, cuda ..."),
 ) -> None:
-    """Print the read heads and their last_write_mass at the chosen reads; plot a heatmap."""
+    """Show the read heads and where they look at each read.
+
+    Prints every head's last_write_mass at the chosen reads, names the read heads, and
+    plots a heatmap with --out.
+    """
     from ffinterp.language import reads, sample, validate
     from ffinterp.viz import HTML_SUFFIXES, IMAGE_SUFFIXES
 
@@ -109,7 +114,10 @@ def attention(
     scores = model.predict_reads(tokens)
 
     typer.echo(f"model: {model.name} ({model.n_layers} layers x {model.n_heads} heads, {model.tl_line})")
-    typer.echo(f"sequence: {tokens.shape[-1]} tokens, {len(rd)} reads" + (f" ({source})" if source else ""))
+    typer.echo(
+        f"sequence: {count(tokens.shape[-1], 'token')}, {count(len(rd), 'read')}"
+        + (f" ({source})" if source else "")
+    )
     typer.echo(rh.table(limit=8))
     typer.echo("")
     cols = "".join(f"{head_name(*h):>8}" for h in shown)

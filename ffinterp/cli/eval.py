@@ -6,14 +6,14 @@ import json
 
 import typer
 
-from ffinterp.cli import app, fail
+from ffinterp.cli import Command, app, at_least
 from ffinterp.data import STANDARD_SETS
 
 
-@app.command("eval")
+@app.command("eval", cls=Command)
 def eval_command(
     ckpt: str = typer.Argument(
-        ..., help="ckpt.pt (ffinterp or nanoGPT), a GPT-2 folder, or pretrained:NAME."
+        ..., metavar="CKPT", help="ckpt.pt (ffinterp or nanoGPT), a GPT-2 folder, or pretrained:NAME."
     ),
     sets: str = typer.Option(",".join(STANDARD_SETS), "--sets", help="Comma-separated: in, sparse, dense."),
     n: int = typer.Option(
@@ -30,14 +30,17 @@ def eval_command(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
 ) -> None:
-    """Score every read of the standard sets; 0 errors print as a 95% Clopper-Pearson upper bound."""
+    """Error rates on the standard sets, with exact intervals.
+
+    Scores every read of the in, sparse and dense sets; 0 errors print as a 95%
+    Clopper-Pearson upper bound.
+    """
     from ffinterp import distributed
     from ffinterp.evaluate import evaluate
 
-    if n is not None and n < 1:
-        fail(f"--n must be >= 1, got {n}")
-    if batch_size < 1:
-        fail(f"--batch-size must be >= 1, got {batch_size}")
+    if n is not None:
+        at_least(n, "--n")
+    at_least(batch_size, "--batch-size")
     dist = distributed.init(device)  # under torchrun: this rank's share, counts summed over ranks
     result = evaluate(
         ckpt,
