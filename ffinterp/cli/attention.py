@@ -29,7 +29,7 @@ def _choose_reads(spec: str | None, n_reads: int) -> list[int]:
             fail(f"--read must be an integer, a comma list of them, or 'all', got {spec!r}")
         if not -n_reads <= k < n_reads:
             fail(
-                f"--read {k}: the sequence has {n_reads} reads "
+                f"--read {k}: the sequence has {count(n_reads, 'read')} "
                 f"(use 0..{n_reads - 1}, or negative from the end)"
             )
         out.append(k % n_reads)
