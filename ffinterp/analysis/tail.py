@@ -334,7 +334,7 @@ def _describe(family: Family) -> str:
     """The proposal family in a few words, for the method line."""
     parts = family.components if isinstance(family, Mixture) else (family,)
     if all(isinstance(p, Planted) for p in parts):
-        return f"the weights of {len(parts)} planted glitch pattern(s)"
+        return f"the weights of {count(len(parts), 'planted glitch pattern')}"
     return type(family).__name__
 
 
@@ -536,7 +536,7 @@ def estimate(
     return TailEstimate(
         est, max(0.0, est - half), est + half, per_read, max(0.0, per_read - rhalf), per_read + rhalf,
         scored, n, hits, ess,
-        f"is ({chains} cross-entropy chain(s) x {rounds} pilot rounds adapting "
+        f"is ({count(chains, 'cross-entropy chain')} x {count(rounds, 'pilot round')} adapting "
         f"{_describe(adapted_all[0])}, defensive mixture {defensive:g}; unbiased mean of "
         "w*1[error], normal interval)",
         not reasons, "; ".join(reasons) or None, str(target), str(g), t, confidence,
