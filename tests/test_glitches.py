@@ -208,7 +208,7 @@ def test_resume_after_a_crash_mid_unit_loses_and_duplicates_nothing(ffl, tmp_pat
     assert len(read_jsonl(jsonl)) == 5
     with open(jsonl, "a") as f:  # a kill in the middle of a write leaves a torn line
         f.write('{"text": "w0i1')
-    with pytest.raises(FFInterpError, match="--resume"):
+    with pytest.raises(FFInterpError, match="pass resume=True to continue it"):
         find_glitches(ffl, out=tmp_path / "run", **opts)
     resumed = find_glitches(ffl, out=tmp_path / "run", resume=True, **opts)
     assert keys(jsonl) == keys(tmp_path / "full" / "glitches.jsonl")
