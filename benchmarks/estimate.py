@@ -240,7 +240,8 @@ def adversary(seeds: int) -> dict:
 
     def first_reach(per_eval: int, soft: bool, budgets: list[int], seed: int) -> dict:
         for b in budgets:
-            r = maximize(model, budget=b, per_eval=per_eval, soft=soft, confirm=2000, seed=seed, **kw)
+            # b sequences for the search itself; maximize's budget also holds the 2,000 to confirm
+            r = maximize(model, budget=b + 2000, per_eval=per_eval, soft=soft, confirm=2000, seed=seed, **kw)
             if r.read_rate >= target:
                 return {"budget": b, "read_rate": r.read_rate, "distribution": r.distribution}
         return {"budget": None, "read_rate": r.read_rate, "tried_up_to": budgets[-1]}

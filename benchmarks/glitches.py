@@ -35,6 +35,7 @@ from ffinterp.analysis.glitches import GlitchFinder
 from ffinterp.analysis.minimize import minimize
 from ffinterp.analysis.search import Evolve, Families, Gradient, Random
 from ffinterp.language import from_text
+from ffinterp.text import count
 
 BASELINE = "random FFL(0.98)"
 
@@ -194,7 +195,7 @@ def main() -> None:
             bound = base["first"] if base["first"] is not None else base["scored"]
             rel = ">=" if base["first"] is None else ""
             print(
-                f"   best strategy: first glitch after {best} sequences, "
+                f"   best strategy: first glitch after {count(best, 'sequence')}, "
                 f"{rel}{bound / best:.0f}x fewer than the baseline"
             )
         else:

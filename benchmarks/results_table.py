@@ -21,7 +21,8 @@ import json
 from pathlib import Path
 
 from ffinterp.data import STANDARD_SETS
-from ffinterp.pretrained import PREFIX, index
+from ffinterp.pretrained import PREFIX, index, trained_on
+from ffinterp.text import count
 
 SETS = (("in", "in-distribution FFL(0.8)"), ("sparse", "sparse FFL(0.98)"), ("dense", "dense FFL(0.1)"))
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -89,7 +90,7 @@ def table(models: list[dict]) -> list[str]:
     head = "| model | trained on | " + " | ".join(label for _, label in SETS) + " |"
     rule = "|---" * (2 + len(SETS)) + "|"
     rows = [
-        f"| `{m['name']}` ({m['architecture']}, T={m['seq_len']}, {m['steps']} steps) | {m['distribution']}"
+        f"| `{m['name']}` ({m['architecture']}, T={m['seq_len']}, {m['steps']} steps) | {trained_on(m)}"
         + "".join(f" | {cell(m['eval'][k])}" for k, _ in SETS)
         + " |"
         for m in models
@@ -140,9 +141,10 @@ def search_lines(search: dict, names: list[str]) -> list[str]:
         budget = max(r["scored"] for r in rows.values())
         if hits:
             k = min(hits, key=hits.get)
+            total = count(sum(r["glitches"] for r in rows.values()), "verified glitch")
             out.append(
-                f"`{name}`: broken; the first verified glitch came after {hits[k]:,} sequences "
-                f"(strategy {k}); {sum(r['glitches'] for r in rows.values())} verified glitches in all"
+                f"`{name}`: broken; the first verified glitch came after {count(hits[k], 'sequence')} "
+                f"(strategy {k}); {total} in all"
             )
         else:
             out.append(f"`{name}`: no verified glitch in {budget:,} sequences per strategy")
@@ -191,7 +193,7 @@ def findings(by: dict[str, dict], search: dict) -> list[str]:
             continue
         e = m["eval"]
         out.append(
-            f"**{what[0].upper() + what[1:]}** (`{name}`, {m['distribution']}). Sparse: "
+            f"**{what[0].upper() + what[1:]}** (`{name}`, {trained_on(m)}). Sparse: "
             f"{ratio(b['sparse'], e['sparse'])} than `{BASELINE}`; dense: {ratio(b['dense'], e['dense'])}; "
             f"in-distribution: {e['in']['errors']} errors. {PAPER_SAYS[name]}"
         )

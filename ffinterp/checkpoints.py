@@ -21,6 +21,7 @@ failure is one :class:`CheckpointError` line saying what was expected.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
 import json
@@ -170,6 +171,13 @@ def _first_line(e: BaseException) -> str:
     return (text.splitlines()[0] if text else type(e).__name__)[:160]
 
 
+def _why(e: BaseException) -> str:
+    """A reader's complaint in words: the exception's type goes with a bare message (a
+    ``KeyError`` of one number, say), and torch's advice after the first sentence goes."""
+    text = _first_line(e).split(". This is ")[0]
+    return text if any(c.isalpha() for c in text) else f"{type(e).__name__} {text}".strip()
+
+
 def _unsafe_reason(e: BaseException) -> str:
     """What torch's weights-only unpickler refused, in a few words."""
     text = str(e)
@@ -180,6 +188,22 @@ def _unsafe_reason(e: BaseException) -> str:
     if m:
         return f"pickle opcode {m.group(1)} outside the tensors-and-plain-data subset"
     return "it holds objects other than tensors and plain data"
+
+
+def _not_torch(head: bytes) -> str | None:
+    """What a file that starts with ``head`` looks like, when it is neither of the two forms
+    ``torch.save`` writes (a zip archive, or a pickle for the legacy format); else None."""
+    if head.startswith(b"PK") or head[:1] == b"\x80":  # zip, or pickle protocol 2+
+        return None
+    try:  # incremental: a character cut at the end of ``head`` is not an error
+        text = codecs.getincrementaldecoder("utf-8")().decode(head)
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and all(c.isprintable() or c in "\t\r\n" for c in text.lstrip("\ufeff")):
+        first = text.strip().splitlines()[0][:40] if text.strip() else ""
+        kind = "JSON" if first[:1] in "{[" else "text"
+        return f"it looks like {kind} ({first!r}), not a zip or pickle checkpoint"
+    return f"it starts with bytes {head[:8].hex(' ')}, not a zip or pickle checkpoint"
 
 
 def read_torch_file(path: str | os.PathLike, what: str = "torch checkpoint") -> Any:
@@ -196,6 +220,13 @@ def read_torch_file(path: str | os.PathLike, what: str = "torch checkpoint") -> 
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file, expected a {what}")
     try:
+        with open(path, "rb") as f:
+            looks = _not_torch(f.read(256))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
+    if looks is not None:
+        raise CheckpointError(f"{path}: not a {what}: {looks}")
+    try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
@@ -203,9 +234,7 @@ def read_torch_file(path: str | os.PathLike, what: str = "torch checkpoint") -> 
             "holding only tensors and plain data (torch.load weights_only=True)"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, KeyError, ValueError, TypeError) as e:
-        raise CheckpointError(
-            f"{path}: not a readable {what} (truncated or corrupt?): {_first_line(e)}"
-        ) from None
+        raise CheckpointError(f"{path}: not a readable {what} (truncated or corrupt?): {_why(e)}") from None
 
 
 def read_checkpoint_file(path: str | os.PathLike) -> dict:

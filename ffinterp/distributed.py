@@ -15,6 +15,11 @@ run unchanged under ``torchrun``. This module is the only place that knows about
   group with a timeout. A rank that dies or hangs turns into one :class:`DistributedError`
   line on the others instead of a hang or a C++ traceback; ``torchrun`` then stops the job.
   Callers write output atomically at agreed points, so a stopped job is resumable.
+- ``torchrun`` stops the other ranks with SIGTERM. A signal handler runs between any two
+  bytecodes, inside a finalizer or interpreter shutdown too, where an exception it raised
+  would print a traceback and be dropped. So the handler only records the stop, and
+  :func:`check_stop` raises it at safe points (every collective, every scored batch); once
+  the process is exiting, the handler ends it at once (:func:`os._exit`, after flushing).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import atexit
 import os
 import re
 import signal
+import sys
+import threading
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -158,6 +165,7 @@ class Dist:
 
     @contextmanager
     def _guard(self, what: str):
+        check_stop()
         try:
             yield
         except (RuntimeError, tdist.DistError) as e:
@@ -172,6 +180,8 @@ class Dist:
 _DIST: Dist | None = None
 _CONTROL: Any = None  # the gloo group the collectives above use
 _OWNED = False  # whether init() created the default process group (and so destroys it)
+_STOP: str | None = None  # why SIGTERM stopped this rank, until check_stop() raises it
+_EXITING = False  # set at exit: a SIGTERM from then on ends the process quietly
 
 
 def _first_line(e: BaseException) -> str:
@@ -317,22 +327,60 @@ def shutdown() -> None:
     _DIST, _CONTROL, _OWNED = None, None, False
 
 
+def check_stop() -> None:
+    """Raise the stop a SIGTERM asked for (one :class:`DistributedError` line), if one did.
+
+    Called where unwinding is safe: before every collective and after every scored batch.
+    """
+    if _STOP is not None:
+        raise DistributedError(_STOP)
+
+
+def _exiting() -> bool:
+    """Whether the interpreter is shutting down: atexit hooks, finalizers, module teardown
+    (the main thread counts as stopped once ``threading._shutdown`` has run)."""
+    return _EXITING or sys.is_finalizing() or not threading.main_thread().is_alive()
+
+
+def _mark_exiting() -> None:
+    global _EXITING
+    _EXITING = True
+
+
+def _quiet_exit(code: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed stream has nothing left to flush
+            pass
+    os._exit(code)
+
+
 def _stop_cleanly_on_sigterm(d: Dist) -> None:
     """torchrun stops every rank with SIGTERM when one fails: say so in one line and unwind
-    (writes are atomic, so what is on disk stays resumable)."""
+    (writes are atomic, so what is on disk stays resumable).
+
+    The handler never raises, since it may run inside a finalizer or at shutdown: it records the
+    stop for :func:`check_stop`, or, when the process is already exiting (its one line, if
+    any, printed), ends it with status 128 + SIGTERM.
+    """
+    message = (
+        f"rank {d.rank} of {d.world_size}: stopped by SIGTERM (torchrun sends it to every rank when "
+        f"one fails; or the job was cancelled); {RESUME_HINT}"
+    )
 
     def handler(signum, frame):
-        # once: torchrun may signal again while this rank is already unwinding
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise DistributedError(
-            f"rank {d.rank} of {d.world_size}: stopped by SIGTERM (torchrun sends it to every rank when "
-            f"one fails; or the job was cancelled); {RESUME_HINT}"
-        )
+        global _STOP
+        if _exiting():
+            _quiet_exit(128 + signum)
+        if _STOP is None:  # torchrun may signal again while this rank is already unwinding
+            _STOP = message
 
     try:
         signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread: leave the default
-        pass
+        return
+    atexit.register(_mark_exiting)  # runs before the hooks registered earlier (torch's finalizers)
 
 
 __all__ = [
@@ -340,6 +388,7 @@ __all__ = [
     "Dist",
     "DistributedError",
     "PeerError",
+    "check_stop",
     "current",
     "env_world",
     "init",

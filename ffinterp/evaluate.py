@@ -358,7 +358,7 @@ def evaluate(
     if not all(names) or not (names or given):
         raise FFInterpError(f"no evaluation sets given (known: {', '.join(STANDARD_SETS)})")
     if batch_size < 1:
-        raise FFInterpError(f"batch size must be >= 1, got {batch_size}")
+        raise FFInterpError(f"batch_size must be >= 1, got {batch_size}")
     if not 0 < confidence < 1:
         raise FFInterpError(f"confidence must be in (0, 1), got {confidence}")
     clash = sorted(set(names) & set(given)) or sorted({x for x in names if names.count(x) > 1})
@@ -420,6 +420,7 @@ def evaluate(
                     errors += int(e.sum())
                     bar.update(len(tokens))
                     bar.set_postfix(errors=errors, refresh=False)
+                    distributed.check_stop()  # a SIGTERM stops the scan here, between batches
             # Every rank gets every sequence's two counts (a few bytes each): the intervals
             # need the spread over sequences, not just the sums.
             counts = np.concatenate(dist.all_gather(torch.cat(parts, 1).numpy()), axis=1)

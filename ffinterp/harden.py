@@ -543,8 +543,8 @@ def _errors_on(
         tokens = fam.sample(n, seq_len, seed=derive_seed(seed, "check", j) % 2**31)
         reads = errors = 0
         for chunk in tokens.split(256):
-            r, e, _ = count_errors(model, chunk.to(dev))
-            reads, errors = reads + r, errors + e
+            r, e = count_errors(model, chunk.to(dev))
+            reads, errors = reads + int(r.sum()), errors + int(e.sum())
         out.append([errors, reads])
     model.cpu()
     return out

@@ -34,6 +34,46 @@ def entry(name: str) -> dict:
     raise FFInterpError(f"unknown pretrained model {name!r} (known: {known})")
 
 
+def trained_on(e: dict, entries: list[dict] | None = None) -> str:
+    """What a model was trained on, in words, from its index entry: the distribution and any
+    mitigation, and for a fine-tune the model it started from (the entry's ``init_from``, or
+    its ``train_config.init_from`` named as the shipped model whose training wrote that
+    checkpoint): "fine-tuned from glitchy-512 on FFL(0.8), attention sharpening 0.01"."""
+    tc = e.get("train_config") or {}
+    mixture = tc.get("mixture") or []
+    if mixture:
+        text = "a mixture of " + ", ".join(f"FFL({p:g})" for p in mixture)
+    elif "p_i" in tc:
+        text = f"FFL({tc['p_i']:g})"
+    else:
+        return str(e.get("distribution", "?"))
+    extras = [f"{label} {tc[key]:g}" for key, label in MITIGATIONS if tc.get(key)]
+    if tc.get("pos_embedding") == "sinusoidal":
+        extras.append("fixed positions")
+    text = ", ".join([text, *extras])
+    parent = e.get("init_from") or (tc.get("init_from") and _shipped_name(str(tc["init_from"]), entries))
+    return f"fine-tuned from {parent} on {text}" if parent else text
+
+
+MITIGATIONS = (("embd_dropout", "embedding dropout"), ("sharpen", "attention sharpening"))
+
+
+def _shipped_name(spec: str, entries: list[dict] | None) -> str:
+    """``pretrained:NAME`` as NAME; a path as the shipped model whose recorded training
+    command wrote it (``--out FOLDER``); else the path."""
+    if spec.startswith(PREFIX):
+        return spec[len(PREFIX) :]
+    path = Path(spec)
+    folder = path.parent if path.name == "ckpt.pt" else path
+    for e in index() if entries is None else entries:
+        for command in e.get("commands") or []:
+            words = command.split()
+            outs = [words[k + 1] for k, w in enumerate(words[:-1]) if w == "--out"]
+            if any(Path(o) == folder for o in outs):
+                return e["name"]
+    return spec
+
+
 def sha256_of(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

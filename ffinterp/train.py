@@ -356,8 +356,9 @@ def init_weights(model: nn.Module, cfg: TrainConfig) -> None:
     except RuntimeError as e:
         first = str(e).strip().splitlines()[-1].strip()
         raise FFInterpError(
-            f"--init-from {cfg.init_from}: its weights do not fit a {cfg.preset} model "
-            f"with block_size {cfg.block_size or cfg.seq_len} ({first})"
+            f"init_from={cfg.init_from}: its weights do not fit a {cfg.preset} model "
+            f"with block_size {cfg.block_size or cfg.seq_len} ({first})",
+            flags={"init_from=": "--init-from "},
         ) from None
 
 

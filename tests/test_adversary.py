@@ -6,6 +6,7 @@ find-glitches strategy whose glitches are real."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -29,7 +30,7 @@ def circuit():
 @pytest.fixture(scope="module")
 def found(circuit):
     return maximize(
-        circuit, seq_len=T, budget=4000, per_eval=32, confirm=2000, seed=0, device="cpu", progress=False
+        circuit, seq_len=T, budget=6000, per_eval=32, confirm=2000, seed=0, device="cpu", progress=False
     )
 
 
@@ -42,8 +43,10 @@ def test_it_beats_every_ffl_of_a_grid_by_a_wide_margin(circuit, found):
     ]
     assert max(g.estimate for g in grid) < 0.03
     assert found.sequence_ci_low > 3 * max(g.ci_high for g in grid), (found, [g.estimate for g in grid])
-    assert found.sequences == 2000 and found.search_scored <= 4000
-    assert found.scored == found.search_scored + 2000
+    # the budget is the total: whole generations of the 4,000 left, then the 2,000 to confirm
+    assert found.sequences == 2000 and 4000 - 12 * 32 < found.search_scored <= 4000
+    assert found.scored == found.search_scored + 2000 <= found.budget == 6000
+    assert found.search_scored == found.trace["scored"][-1]
     # The reported rate is the fresh sample's, with its exact interval.
     assert found.read_ci_low <= found.read_rate <= found.read_ci_high
     assert found.read_errors / found.reads == found.read_rate
@@ -66,7 +69,7 @@ def test_same_seed_same_result_and_numpy_state_untouched(circuit, found):
     np.random.seed(123)
     before = np.random.get_state()[1].copy()
     again = maximize(
-        circuit, seq_len=T, budget=4000, per_eval=32, confirm=2000, seed=0, device="cpu", progress=False
+        circuit, seq_len=T, budget=6000, per_eval=32, confirm=2000, seed=0, device="cpu", progress=False
     )
     assert (np.random.get_state()[1] == before).all()
     a, b = found.to_dict(), again.to_dict()
@@ -115,5 +118,44 @@ def test_cli_maximize_json_and_bad_flags(tmp_path, capsys):
     d = json.loads(out)
     assert d["sequences"] == 300 and d["distribution"].startswith("Piecewise(") and d["seq_len"] == T
     assert d["read_ci_low"] <= d["read_rate"] <= d["read_ci_high"]
+    assert d["scored"] == d["search_scored"] + 300 <= 600 and len(d["segments"]) == 4
     code, out, err = run("--maximize", "--budget", "100", "--per-eval", "500")
     assert code == 2 and "--per-eval" in err and "Traceback" not in err
+    code, out, err = run("--maximize", "--budget", "100", "--per-eval", "30", "--confirm", "80")
+    need = "--budget 100 must be >= --confirm + --per-eval (80 + 30): the search needs at least one"
+    assert code == 2 and need in err, err
+
+
+def test_cli_maximize_prints_a_labelled_distribution_and_the_count_its_bar_shows(tmp_path, capsys):
+    """What --maximize prints: each segment's token range and p_w, p_r, p_i by name, and one
+    count of sequences, the one its progress bar ends at, within --budget."""
+    from ffinterp.cli import main
+
+    ckpt = tmp_path / "circuit.pt"
+    save_circuit(ckpt, SHARPNESS, block_size=T)
+    with pytest.raises(SystemExit) as e:
+        main(
+            ["estimate", str(ckpt), "--maximize", "--budget", "1000", "--per-eval", "30", "--confirm", "300"]
+        )
+    out, err = capsys.readouterr()
+    assert e.value.code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("most damaging distribution (piecewise FFL")
+    assert lines[1].split() == ["segment", "positions", "p_w", "p_r", "p_i", "P(write", "1)"]
+    assert [row.split()[:2] for row in lines[2:6]] == [
+        ["0", "0-9"],
+        ["1", "10-15"],
+        ["2", "16-23"],
+        ["3", "24-31"],
+    ]
+    for row in lines[2:6]:
+        assert sum(float(x) for x in row.split()[2:5]) == pytest.approx(1, abs=2e-3)
+    assert "Piecewise([" not in out
+    scored = int(re.search(r"([\d,]+) sequences scored", out).group(1).replace(",", ""))
+    assert 1000 - 12 * 30 < scored <= 1000  # whole generations (11 candidates) of 30-sequence samples
+    assert (
+        f"{scored:,} sequences scored of a budget of 1,000: {scored - 300:,} in the search, 300 to confirm"
+        in out
+    )
+    bar = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert f"{scored}/{scored}" in bar, bar

@@ -224,7 +224,7 @@ def test_cli_defaults_to_a_sparse_sequence_and_html(circuit_ckpt, tmp_path, caps
         (["--layer", "1"], "--layer and --head go together"),
         (["--layer", "5", "--head", "0"], "the model has 2 layers"),
         (["--out", "x.gif"], "unknown figure format"),
-        (["--seq", "w1r1", "--read", "3"], "the sequence has 1 reads"),
+        (["--seq", "w1r1", "--read", "3"], "--read 3: the sequence has 1 read (use 0..0"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_2(circuit_ckpt, capsys, args, message):

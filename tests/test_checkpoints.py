@@ -284,7 +284,7 @@ def test_broken_files_get_one_clear_line(tmp_path):
     cases = {
         "trunc.pt": "truncated or corrupt",
         "empty.pt": "empty file",
-        "text.pt": "truncated or corrupt",
+        "text.pt": "not a torch checkpoint: it looks like text ('hello, not a checkpoint')",
         "bare.pt": "unknown layout: expected nanoGPT's keys 'model_args' and 'model'",
         "list.pt": "expected a dict checkpoint",
         "missing.pt": "no such checkpoint file",
@@ -294,6 +294,18 @@ def test_broken_files_get_one_clear_line(tmp_path):
         with pytest.raises(CheckpointError) as e:
             load_checkpoint(tmp_path / name)
         assert expected in one_line_error(e), name
+    # Other files that are not checkpoints say what they look like, never a bare number.
+    (tmp_path / "notes.txt").write_text("101\nsome notes\n")
+    (tmp_path / "config.pt").write_text('{"n_layer": 2}')
+    (tmp_path / "noise.pt").write_bytes(bytes([6, 47, 41, 206, 108, 199, 89, 123]) * 8)
+    for name, expected in {
+        "notes.txt": "looks like text ('101'), not a zip or pickle checkpoint",
+        "config.pt": "looks like JSON",
+        "noise.pt": "starts with bytes 06 2f 29 ce",
+    }.items():
+        with pytest.raises(CheckpointError) as e:
+            load_checkpoint(tmp_path / name)
+        assert expected in one_line_error(e), (name, one_line_error(e))
 
 
 def test_pretrained_names_resolve_through_the_index(tmp_path, monkeypatch, tokens):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -66,7 +67,47 @@ def test_cli_sample_jsonl_and_validate(tmp_path):
         == 0
     )
     r = run_cli("validate", str(out))
-    assert r.returncode == 0 and "4 valid sequences of length 20" in r.stdout
+    assert r.returncode == 0 and r.stdout == f"{out}: 4 valid sequences of length 20\n"
+    one = tmp_path / "one.txt"
+    one.write_text("w1i0r1\n")
+    r = run_cli("validate", str(one))
+    assert r.returncode == 0 and r.stdout == f"{one}: 1 valid sequence of length 6\n"
+
+
+def test_count_agrees_in_number():
+    from ffinterp.text import count, plural
+
+    assert [count(n, "read") for n in (0, 1, 2, 2048)] == ["0 reads", "1 read", "2 reads", "2,048 reads"]
+    assert count(1, "glitch") == "1 glitch" and count(3, "verified glitch") == "3 verified glitches"
+    assert plural(2, "index", "indices") == "indices" and plural(1, "index", "indices") == "index"
+
+
+def test_help_is_whole_sentences_and_usage_lines_spell_arguments_one_way():
+    for columns in ("80", "220"):
+        r = subprocess.run(
+            [sys.executable, "-m", "ffinterp", "--help"], capture_output=True, text=True,
+            env={**os.environ, "COLUMNS": columns},
+        )  # fmt: skip
+        listed = r.stdout.split("Commands:")[1].strip().splitlines()
+        assert len(listed) == 10 and r.returncode == 0
+        for line in listed:  # one line each, a whole summary: nothing cut off with "..."
+            assert not line.rstrip().endswith("...") and line.rstrip()[-1] in ".)", line
+    usage = {}
+    for command in ("sample", "validate", "train", "eval", "attention", "patch", "find-glitches", "estimate"):
+        r = run_cli(command, "--help")
+        usage[command] = r.stdout.splitlines()[0]
+    assert usage["eval"] == "Usage: ffinterp eval [OPTIONS] CKPT"
+    assert usage["find-glitches"] == "Usage: ffinterp find-glitches [OPTIONS] [CKPT]"  # optional
+    assert usage["validate"] == "Usage: ffinterp validate [OPTIONS] FILE"
+    assert not any(c in "".join(usage.values()) for c in "{}"), usage
+
+
+def test_find_glitches_help_names_its_default_model():
+    from ffinterp.pretrained import DEFAULT_MODEL
+
+    r = run_cli("find-glitches", "--help")
+    assert f"(default: pretrained:{DEFAULT_MODEL})" in " ".join(r.stdout.split())
+    assert "mitigated model" not in r.stdout
 
 
 @pytest.mark.parametrize(

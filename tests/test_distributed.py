@@ -139,6 +139,62 @@ def test_bad_torchrun_environment_is_one_line(monkeypatch, capsys):
     assert e.value.code == 2 and capsys.readouterr().err.strip().count("\n") == 0
 
 
+# A rank as torchrun leaves it (its SIGTERM handler installed), then a SIGTERM delivered from
+# inside a weakref finalizer: the place a handler that raises breaks (the exception is printed
+# as "Exception ignored in ..." with a traceback, and dropped).
+SIGTERM_IN_A_FINALIZER = """
+import os, signal, sys, weakref
+from ffinterp import distributed
+
+distributed._stop_cleanly_on_sigterm(distributed.Dist(rank=0, world_size=2))
+
+
+class Held:
+    pass
+
+
+def finalizer():
+    os.kill(os.getpid(), signal.SIGTERM)  # the handler runs at the next bytecode, in here
+    sum(range(1000))
+    print("finalizer done", flush=True)
+
+
+held = Held()
+weakref.finalize(held, finalizer)
+if sys.argv[1] == "running":  # collected mid-run: the stop waits for the next safe point
+    del held
+    print("still running", flush=True)
+    try:
+        distributed.check_stop()
+    except distributed.DistributedError as e:  # as ffinterp.cli.main prints it
+        print(f"ffinterp: error: {e}", file=sys.stderr)
+        sys.exit(2)
+print("main done", flush=True)  # "exit": the finalizer runs at shutdown
+sys.exit(2)
+"""
+
+
+@pytest.mark.parametrize("when", ["running", "exit"])
+def test_sigterm_inside_a_finalizer_never_prints_a_traceback(when):
+    r = subprocess.run(
+        [sys.executable, "-c", SIGTERM_IN_A_FINALIZER, when], capture_output=True, text=True, cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120,
+    )  # fmt: skip
+    assert "Traceback" not in r.stderr and "Exception ignored" not in r.stderr, r.stderr
+    if when == "running":
+        # the finalizer ran to its end, and the stop came at the check, as one line
+        assert r.stdout.split() == ["finalizer", "done", "still", "running"], r.stdout
+        assert r.stderr == (
+            "ffinterp: error: rank 0 of 2: stopped by SIGTERM (torchrun sends it to every rank when one "
+            f"fails; or the job was cancelled); {distributed.RESUME_HINT}\n"
+        )
+        assert r.returncode == 2
+    else:
+        # at shutdown the handler ends the process quietly: nothing printed after it
+        assert r.stdout.split() == ["main", "done"] and r.stderr == ""
+        assert r.returncode == 128 + signal.SIGTERM
+
+
 def test_merge_folds_units_in_order_dedups_and_stops_at_max_glitches():
     finder = GlitchFinder(
         drifting_lstm(), strategy="random", budget=640, seq_len=T, batch_size=64, device="cpu"

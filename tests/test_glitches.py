@@ -213,7 +213,7 @@ def test_resume_after_a_crash_mid_unit_loses_and_duplicates_nothing(ffl, tmp_pat
     assert len(read_jsonl(jsonl)) == 5
     with open(jsonl, "a") as f:  # a kill in the middle of a write leaves a torn line
         f.write('{"text": "w0i1')
-    with pytest.raises(FFInterpError, match="--resume"):
+    with pytest.raises(FFInterpError, match="pass resume=True to continue it"):
         find_glitches(ffl, out=tmp_path / "run", **opts)
     resumed = find_glitches(ffl, out=tmp_path / "run", resume=True, **opts)
     assert keys(jsonl) == keys(tmp_path / "full" / "glitches.jsonl")
@@ -289,6 +289,51 @@ def test_cli_bad_options_in_process(ckpt, tmp_path, capsys, args, needle):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0]
+
+
+def test_errors_name_python_arguments_and_the_cli_says_the_flags(ckpt, tmp_path, capsys):
+    """The library names what a caller passes (resume=True, out=, seq_len); the CLI, for the
+    same mistake, names its flags."""
+    from ffinterp.cli import main
+
+    out = tmp_path / "g"
+    find_glitches(ckpt, "random", 64, seed=9, out=out, max_glitches=1, minimize=False, **FAST)
+    with pytest.raises(FFInterpError) as e:
+        find_glitches(ckpt, "random", 64, seed=9, out=out, max_glitches=1, minimize=False, **FAST)
+    said = str(e.value)
+    assert (
+        said == f"{out} already holds a glitch search; pass resume=True to continue it or choose another out="
+    )
+    with pytest.raises(FFInterpError, match=r"^seq_len 128 exceeds the model's block size 64$"):
+        find_glitches(ckpt, "random", 64, **{**FAST, "seq_len": 128})
+    for args, line in (
+        ([], f"{out} already holds a glitch search; pass --resume to continue it or choose another --out"),
+        (["--seq-len", "128"], "--seq-len 128 exceeds the model's block size 64"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(["find-glitches", ckpt, "--out", str(out), "--quiet", "--seq-len", "64", *args])
+        assert e.value.code == 2
+        assert capsys.readouterr().err == f"ffinterp: error: {line}\n"
+
+
+def test_a_search_stopped_by_max_glitches_closes_its_bar_as_finished(ckpt, capsys):
+    report = find_glitches(ckpt, "random", 20_000, max_glitches=2, minimize=False, progress=True, **FAST)
+    assert len(report) == 2 and report.summary["scored"] < 20_000
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    done = report.summary["scored"]
+    assert "100%" in last and f"{done}/{done}" in last and "stopped: found the 2 glitches asked for" in last
+    assert "?" not in last.split("[")[-1].split(",")[0]  # no time left to count down
+
+
+def test_the_report_shows_its_table_outside_jupyter(ffl):
+    report = find_glitches(ffl, "random", 128, max_glitches=3, minimize=False, **FAST)
+    shown = repr(report).splitlines()
+    scored = report.summary["scored"]
+    assert shown[0].startswith(f"GlitchReport({len(report)} glitches in {scored} sequences scored")
+    assert shown[1].split()[:3] == ["#", "strategy", "read"] and len(shown) >= 2 + len(report)
+    assert str(report) == repr(report)
+    one = find_glitches(ffl, "random", 128, max_glitches=1, minimize=False, **FAST)
+    assert repr(one).startswith("GlitchReport(1 glitch in 64 sequences scored")
 
 
 def test_ground_truth_on_the_hand_built_circuit_at_low_sharpness():
@@ -368,9 +413,9 @@ def test_failure_mode_judges_each_write_by_its_carrier() -> None:
 
     tokens = from_text("w1i0w0i1w1i0i0r1")  # writes at 0, 4 (opposite bit) and 8; read at 14
     row = torch.zeros(16)
-    row[[10, 6]] = torch.tensor([0.6, 0.4])  # carrier +2 of the last write, and of the decoy
-    split = failure_mode(row, tokens, 14, typical=0.8, low=0.1, carrier=2)
-    assert split["label"] == "wrong write" and split["split"] and split["write_pos"] == 4
+    row[[10, 6]] = torch.tensor([0.4, 0.6])  # carrier +2 of the last write, and of the decoy
+    wrong = failure_mode(row, tokens, 14, typical=0.8, low=0.1, carrier=2)
+    assert wrong["label"] == "wrong write" and wrong["write_pos"] == 4 and not wrong["same_bit"]
     row[[10, 6]] = torch.tensor([0.95, 0.05])
     assert failure_mode(row, tokens, 14, typical=0.8, low=0.1, carrier=2)["label"] == "other"
     assert failure_mode(row, tokens, 14, typical=0.99, low=0.97, carrier=2)["label"] == "dilution"

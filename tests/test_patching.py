@@ -333,7 +333,7 @@ def test_path_patching_bad_arguments(rand: FFLModel, flip: Pair) -> None:
         (dict(receivers=["L0H0"]), "no sender heads"),
         (dict(receivers=["L1H0"], senders=["L1H1"]), "not before"),
         (dict(receivers=["L9H0"]), "does not exist"),
-        (dict(receivers=["L1H0"], via="x"), "--via"),
+        (dict(receivers=["L1H0"], via="x"), "via must be made of q, k and v"),
         (dict(receivers=["nonsense"]), "not a head"),
     ]:
         with pytest.raises(FFInterpError, match=text):

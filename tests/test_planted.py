@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -198,14 +199,26 @@ def test_cli_plant_on_the_circuit_and_bad_glitch_files(tmp_path, capsys):
     (out_dir / "glitches.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     code, out, err = run_cli(
         capsys, "estimate", str(ckpt), "--p-i", "0.998", "--plant", str(out_dir), "--budget", "8000",
-        "--seed", "2", "--json", "--no-progress",
+        "--seed", "2", "--json",
     )  # fmt: skip
     assert code == 0, err
     d = json.loads(out)
     exact = exact_error_prob(8.0, T, 0.998)
     assert d["reliable"] and d["ci_low"] <= exact <= d["ci_high"], (exact, d)
-    assert d["scored"] > 8000  # the shrinking and weighing count too
+    # Two named budgets, each kept: --budget for the estimate (its progress bar ends at it),
+    # --plant-budget (100,000) for shrinking and weighing the patterns, counted apart.
+    bar = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert d["scored"] == 8000 and "8000/8000" in bar, err[-2000:]
+    built = re.search(r"planted patterns \(([\d,]+) sequences scored\)", err)
+    assert built and 8000 < d["proposal_scored"] == int(built.group(1).replace(",", "")) <= 100_000
     assert "planted glitch pattern" in d["method"]
+    code, out, err = run_cli(
+        capsys, "estimate", str(ckpt), "--p-i", "0.998", "--plant", str(out_dir), "--budget", "2000",
+        "--plant-budget", "6000", "--seed", "2", "--no-progress",
+    )  # fmt: skip
+    assert code == 0, err
+    scored = re.search(r"([\d,]+) sequences scored, .*; and ([\d,]+) before, to build the proposal", out)
+    assert scored and scored.group(1) == "2,000" and int(scored.group(2).replace(",", "")) <= 6000, out
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": 1}\n')
     for args, words in (
@@ -213,9 +226,41 @@ def test_cli_plant_on_the_circuit_and_bad_glitch_files(tmp_path, capsys):
         (["--plant", str(bad)], "bad.jsonl:1"),
         (["--plant", str(out_dir), "--method", "mc"], "--method is"),
         (["--plant", str(out_dir), "--shrink", "-1"], "--shrink"),
+        (
+            ["--plant", str(out_dir), "--plant-budget", "4000"],
+            "takes 5,120 sequences, more than --plant-budget 4,000",
+        ),
     ):
         code, out, err = run_cli(capsys, "estimate", str(ckpt), "--no-progress", *args)
         assert code == 2 and words in err and len(err.strip().splitlines()) == 1, (args, err)
+
+
+def test_plant_refuses_another_models_glitches_unless_forced(tmp_path, capsys):
+    """A find-glitches folder records the model's digest and length: planting it into another
+    model, or at another length, is refused in one line (the library names force=True, the
+    CLI --force), and forced, it goes ahead with a warning."""
+    from ffinterp.analysis.glitches import find_glitches
+    from ffinterp.analysis.patterns import read_glitches
+
+    found_on = build_circuit(2.0, block_size=T)
+    g = tmp_path / "g"
+    find_glitches(found_on, "random", 256, seq_len=T, out=g, max_glitches=3, diagnose=False, device="cpu")
+    assert read_glitches(g, model=found_on) == read_glitches(g)  # its own model: no complaint
+    other = build_circuit(8.0, block_size=T)
+    with pytest.raises(FFInterpError, match=r"found on another model .*; pass force=True to plant them"):
+        read_glitches(g, model=other)
+    assert read_glitches(g / "glitches.jsonl", model=other, force=True) == read_glitches(g)
+    with pytest.raises(FFInterpError, match=f"found at seq_len {T}, not {T // 2}; pass force=True"):
+        read_glitches(g, model=found_on, seq_len=T // 2)
+    ckpt = tmp_path / "other.pt"
+    save_circuit(ckpt, 8.0, block_size=T)
+    base = ["estimate", str(ckpt), "--p-i", "0.99", "--plant", str(g), "--budget", "8000", "--no-progress"]
+    code, out, err = run_cli(capsys, *base)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "found on another model" in err and "pass --force to plant them anyway" in err
+    code, out, err = run_cli(capsys, *base, "--force", "--shrink", "0")
+    assert code == 0 and "warning: planting another model's patterns" in err, err
+    assert "8,000 sequences scored" in out
 
 
 # Minimal glitches of glitchy-128, found by

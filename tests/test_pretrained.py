@@ -99,10 +99,29 @@ def test_unknown_name_lists_the_zoo():
         pretrained.resolve("pretrained:nope")
 
 
-def test_cli_lists_the_zoo():
+@pytest.mark.parametrize("columns", [80, 120, 250])
+def test_cli_lists_the_zoo_within_the_terminal_width(columns):
+    env = {**__import__("os").environ, "COLUMNS": str(columns)}
     r = subprocess.run(
-        [sys.executable, "-m", "ffinterp", "pretrained", "list"], capture_output=True, text=True
+        [sys.executable, "-m", "ffinterp", "pretrained", "list"], capture_output=True, text=True, env=env
     )
     assert r.returncode == 0, r.stderr
-    for name in NAMES:
-        assert name in r.stdout
+    lines = r.stdout.splitlines()
+    assert max(map(len, lines)) <= columns, (columns, max(map(len, lines)))
+    starts = [line.split()[0] for line in lines if line and not line[0].isspace()]
+    assert starts == ["name", *sorted(NAMES, key=lambda n: -pretrained.entry(n)["seq_len"])]
+    if columns == 250:  # wide enough: one line per model
+        assert len(lines) == 1 + len(NAMES)
+        assert "fine-tuned from glitchy-512 on a mixture of FFL(0.1), FFL(0.9), FFL(0.98)" in r.stdout
+
+
+def test_trained_on_names_the_model_a_fine_tune_started_from():
+    said = {e["name"]: pretrained.trained_on(e) for e in MODELS}
+    assert said["glitchy-128"] == "FFL(0.8)" and said["lstm-512"] == "FFL(0.8)"
+    assert said["sharpen-512"] == "fine-tuned from glitchy-512 on FFL(0.8), attention sharpening 0.01"
+    assert said["dropout-512"] == "fine-tuned from glitchy-512 on FFL(0.8), embedding dropout 0.1"
+    assert said["mitigated-128"].startswith("fine-tuned from glitchy-128 on a mixture of FFL(0.1)")
+    # without the entry's own init_from: the checkpoint path, traced to the run that wrote it
+    bare = {k: v for k, v in pretrained.entry("mixture-512").items() if k != "init_from"}
+    assert pretrained.trained_on(bare).startswith("fine-tuned from glitchy-512 on a mixture")
+    assert "FFL(0.8)" not in pretrained.trained_on(bare)

@@ -28,16 +28,31 @@ def test_readme_has_the_library_example_and_the_strategy_example() -> None:
 
 
 @pytest.mark.slow
-def test_library_example_runs(tmp_path, monkeypatch) -> None:
+def test_library_example_runs_after_the_main_command(tmp_path, monkeypatch, capsys) -> None:
+    """As a reader meets it: the main command has filled glitches/ already."""
+    import ffinterp
+    from ffinterp.models.constructed import circuit_model
+
     monkeypatch.chdir(tmp_path)
-    code = python_blocks(LIBRARY)[0].replace("budget=5000", "budget=1000").replace("n=64)", "n=16)")
+    main = ffinterp.find_glitches(
+        circuit_model(2.0, block_size=32, device="cpu"), "random", 64, out="glitches"
+    )
+    assert len(main) and (tmp_path / "glitches" / "state.json").exists()
+    code = python_blocks(LIBRARY)[0].replace("budget=5000", "budget=1000").replace("n=32)", "n=8)")
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
     report = scope["report"]
     assert len(report) > 0  # the shipped glitchy model errs on dense reads
-    assert (tmp_path / "glitches" / "glitches.jsonl").stat().st_size > 0
     assert "<table" in report._repr_html_()
     assert scope["heads"].heads  # at least one read head named
+    printed = capsys.readouterr().out
+    assert repr(report) in printed and "strategy" in printed  # print(report) shows the table
+    # Run again, it refuses in one line that names the Python arguments, as the README says.
+    said = re.search(r"stops with one line, `(.*?)`: library", " ".join(README.read_text().split())).group(1)
+    again = "\n".join(line for line in code.splitlines() if line.startswith("report = "))
+    with pytest.raises(ffinterp.FFInterpError) as e:
+        exec(compile(again, "README.md", "exec"), scope)  # the same model, loaded once
+    assert str(e.value) == said
 
 
 def test_strategy_example_registers_and_searches() -> None:

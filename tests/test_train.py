@@ -184,7 +184,7 @@ def test_init_from_starts_at_the_source_weights_with_its_own_recipe(tmp_path):
 def test_init_from_a_different_shape_is_one_clear_error(tmp_path):
     source = train(TrainConfig(steps=1, **{**SMALL, "seq_len": 32}), tmp_path / "a", progress=False).path
     wrong = TrainConfig(**SMALL, steps=1, init_from=str(source))
-    with pytest.raises(FFInterpError, match=r"--init-from .*do not fit a tiny model with block_size 16"):
+    with pytest.raises(FFInterpError, match=r"^init_from=.*do not fit a tiny model with block_size 16"):
         train(wrong, tmp_path / "b", progress=False)
 
 

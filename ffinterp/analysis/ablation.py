@@ -30,7 +30,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from ffinterp.analysis.hookcheck import HookCheck
-from ffinterp.analysis.pairs import _as_seq, read_positions
+from ffinterp.analysis.pairs import _as_seq, check_read, read_positions
 from ffinterp.analysis.patching import _axis_labels, _heads_arg, auto_batch_size, device_of, hooked_of
 from ffinterp.analysis.results import PatchResult, head_label, position_labels
 from ffinterp.errors import DeadHookError, FFInterpError
@@ -60,8 +60,7 @@ class _Target:
             )
         rps = read_positions(self.seq)
         k = -1 if read is None else read
-        if not -len(rps) <= k < len(rps):
-            raise FFInterpError(f"--read {read} is out of range: the sequence has {len(rps)} reads")
+        check_read(k, rps)
         self.p = rps[k]
         self.write_pos = int(last_write_pos(self.seq[None])[0, self.p])
         self.bit = int(self.seq[self.write_pos + 1])

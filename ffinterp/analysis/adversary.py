@@ -42,6 +42,7 @@ from ffinterp.analysis.search import Scored, SearchContext, Strategy, register
 from ffinterp.analysis.tail import checked_model, placed
 from ffinterp.errors import FFInterpError
 from ffinterp.intervals import clopper_pearson
+from ffinterp.text import count
 
 BOUND = 8.0  # box on the unconstrained vector: probabilities stay above ~e^-16
 
@@ -161,9 +162,32 @@ def search(
 # ---------------------------------------------------------------- maximize
 
 
+def segment_table(segments: list[dict]) -> list[str]:
+    """:meth:`Piecewise.describe` rows as an aligned table: segment, token positions, p_w,
+    p_r, p_i and the write bits' law."""
+    bits = (
+        "P(write 1)"
+        if any("one" in d for d in segments)
+        else "P(flip)"
+        if any("flip" in d for d in segments)
+        else ""
+    )
+    rows = [("segment", "positions", "p_w", "p_r", "p_i", bits)]
+    for d in segments:
+        law = d.get("one", d.get("flip"))
+        rows.append((str(d["segment"]), f"{d['start']}-{d['end']}", f"{d['p_w']:.3g}", f"{d['p_r']:.3g}",
+                     f"{d['p_i']:.3g}", "" if law is None else f"{law:.3g}"))  # fmt: skip
+    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+    return ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
 @dataclass(frozen=True)
 class AdversaryResult:
-    """The most damaging distribution found, re-measured on a fresh sample."""
+    """The most damaging distribution found, re-measured on a fresh sample.
+
+    ``scored`` (``search_scored`` plus ``sequences``, the confirming sample) is at most the
+    budget: the search spends whole generations of the budget left after confirming.
+    """
 
     distribution: str
     vector: list[float]
@@ -182,19 +206,27 @@ class AdversaryResult:
     seq_len: int
     seconds: float
     trace: dict
+    budget: int = 0
+    segments: list[dict] = field(default_factory=list)  # Piecewise.describe(seq_len), if piecewise
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def lines(self) -> list[str]:
-        return [
-            f"most damaging distribution: {self.distribution}",
+        if self.segments:
+            head = "most damaging distribution (piecewise FFL; each segment's instruction probabilities):"
+            rows = [head, *segment_table(self.segments)]
+        else:
+            rows = [f"most damaging distribution: {self.distribution}"]
+        return rows + [
             f"read error rate     = {self.read_rate:.3e}  [{self.read_ci_low:.3e}, {self.read_ci_high:.3e}] "
-            f"({self.read_errors}/{self.reads} reads, fresh sample, 95% Clopper-Pearson)",
+            f"({self.read_errors:,}/{count(self.reads, 'read')}, fresh sample, 95% Clopper-Pearson)",
             f"P[sequence errs]    = {self.sequence_rate:.3e}  [{self.sequence_ci_low:.3e}, "
-            f"{self.sequence_ci_high:.3e}] ({self.erring_sequences}/{self.sequences} sequences)",
-            f"{self.search_scored} sequences searched + {self.sequences} to confirm, T={self.seq_len}, "
-            f"{self.seconds:.1f} s",
+            f"{self.sequence_ci_high:.3e}] ({self.erring_sequences:,}/{count(self.sequences, 'sequence')})",
+            f"{count(self.scored, 'sequence')} scored"
+            + (f" of a budget of {self.budget:,}" if self.budget else "")
+            + f": {self.search_scored:,} in the search, {self.sequences:,} to confirm; "
+            f"T={self.seq_len}, {self.seconds:.1f} s",
         ]
 
     def __str__(self) -> str:
@@ -217,29 +249,38 @@ def maximize(
     progress: bool = True,
 ) -> AdversaryResult:
     """Search ``start``'s family (default :func:`default_family`) for the distribution with the
-    highest read-error rate, spending ``budget`` sequences, then confirm on ``confirm`` fresh
-    ones. ``soft=False`` searches on the hard error rate alone (the public adversary's
+    highest read-error rate, then confirm it on ``confirm`` fresh sequences, within ``budget``
+    sequences in all: the search spends what whole CMA-ES generations of ``per_eval``-sequence
+    samples take of ``budget - confirm``.
+    ``soft=False`` searches on the hard error rate alone (the public adversary's
     objective, which needs ~2,000 sequences per candidate to see rare errors). The model is
     put back on its device and mode afterwards."""
     fast, t, dev = checked_model(model, seq_len, device)
     start = start or default_family()
     if not isinstance(start, Family):
         raise FFInterpError(f"start must be a Family, got {type(start).__name__}")
-    if budget < per_eval or confirm < 1 or per_eval < 1:
+    flags = {"budget": "--budget", "confirm": "--confirm", "per_eval": "--per-eval"}
+    if confirm < 1 or per_eval < 1:
+        raise FFInterpError(f"confirm and per_eval must be >= 1, got {confirm} and {per_eval}", flags=flags)
+    if budget < confirm + per_eval:
         raise FFInterpError(
-            f"need budget >= per_eval >= 1 and confirm >= 1, got {budget}, {per_eval}, {confirm}"
+            f"budget must be >= confirm + per_eval, got {budget} < {confirm} + {per_eval}: the search "
+            "needs one candidate's sample besides the final re-measurement",
+            flags=flags,
         )
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    ctx = SearchContext(
-        fast, t, seed=seed, budget=budget, batch_size=batch_size, device=dev, strategy="distribution"
-    )
     pop = popsize or (4 + int(3 * math.log(start.n_params)))
-    generations = max(1, budget // (pop * per_eval))
+    candidates = (budget - confirm) // per_eval
+    generations = max(1, candidates // pop)  # whole generations, unless not even one fits
+    searching = min(generations * pop, candidates) * per_eval  # known up front: the bar's total
+    ctx = SearchContext(
+        fast, t, seed=seed, budget=searching, batch_size=batch_size, device=dev, strategy="distribution"
+    )
     with placed(fast, dev):
         with tqdm(
-            total=budget + confirm, desc="distribution search", unit="seq", disable=not progress
+            total=searching + confirm, desc="distribution search", unit="seq", disable=not progress
         ) as bar:
 
             def score(tokens, origin):
@@ -264,6 +305,7 @@ def maximize(
         final.erring_sequences, final.sequences, final.erring_sequences / final.sequences, slo, shi,
         searched, ctx.scored, t, time.perf_counter() - t0,
         {"scored": trace.scored, "best_rate": trace.best_rate, "best_objective": trace.best_objective},
+        budget, best.family.describe(t) if isinstance(best.family, Piecewise) else [],
     )  # fmt: skip
 
 

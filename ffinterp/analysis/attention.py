@@ -32,6 +32,7 @@ from torch import Tensor
 
 from ffinterp.errors import FFInterpError
 from ffinterp.language import VOCAB, R, Reads, W, reads
+from ffinterp.text import count
 
 PATTERN = "blocks.{l}.attn.hook_pattern"
 CATEGORIES = (
@@ -409,7 +410,8 @@ class ReadAttention:
     def _repr_html_(self) -> str:
         summary = self.head_summary()
         cap = (
-            f"{len(self)} reads in {len(self.tokens)} sequences of length {self.tokens.shape[-1]}: "
+            f"{count(len(self), 'read')} in {count(len(self.tokens), 'sequence')} "
+            f"of length {self.tokens.shape[-1]}: "
             "mean attention mass by key category"
         )
         v = summary.values.tolist()

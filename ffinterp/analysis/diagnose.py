@@ -34,8 +34,6 @@ from ffinterp.language import VOCAB, I, Reads, W, last_write_pos, reads, to_text
 from ffinterp.scoring import score_tokens
 
 LABELS = ("dilution", "wrong write", "start drift", "other")
-#: A share of a read head's attention on an opposite-bit write that counts as a split.
-SPLIT = 0.25
 
 
 @contextmanager
@@ -125,8 +123,7 @@ def failure_mode(
     """One read head's failure, from its attention row at the read. Each write is judged by
     the mass on its carrier (``write + carrier``, the read itself where that comes later):
 
-    * wrong write: an earlier write's carrier holds more mass than the last write's, or an
-      earlier write of the opposite bit holds at least ``SPLIT`` of it (``split``);
+    * wrong write: an earlier write's carrier holds more mass than the last write's;
     * start drift: the opening write's carrier holds more than the last write's;
     * dilution: the last write's carrier still leads but holds less than ``low`` (the head's
       5th percentile on correct reads), the rest spread over other keys;
@@ -140,13 +137,9 @@ def failure_mode(
     lw_mass = on[lw]
     rivals = [p for p in writes if p != lw and p >= START_TOKENS]
     best = max(rivals, key=lambda p: (on[p], p), default=None)
-    # an earlier write that outweighs the last one, or an opposite-bit one holding a share
-    # large enough to tip the answer (a split between two writes)
-    decoy = best is not None and on[best] >= SPLIT and t[best + 1] != t[lw + 1]
-    if best is not None and (on[best] > lw_mass or decoy):
+    if best is not None and on[best] > lw_mass:
         return {
             "label": "wrong write",
-            "split": on[best] <= lw_mass,
             "write_pos": best,
             "bit": VOCAB[t[best + 1]],
             "same_bit": t[best + 1] == t[lw + 1],

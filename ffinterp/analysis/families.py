@@ -411,6 +411,26 @@ class Piecewise(_SlotFamily):
         ones = "" if self.ones is None else ", ones=(" + ", ".join(f"{q:.3g}" for q in self.ones) + ")"
         return f"Piecewise([{segs}]{flips}{ones})"
 
+    def describe(self, seq_len: int) -> list[dict]:
+        """Each segment labelled, at ``seq_len`` tokens: its first and last token position
+        (the first slot, always a write, counts in segment 0, the last, always a read, in the
+        last one), ``p_w``, ``p_r``, ``p_i`` and, where given, ``one`` or ``flip``; what the
+        bare tuples of ``str`` leave to the reader."""
+        seg = self.segment_of(seq_len // 2)
+        out = []
+        for k, (p_w, p_r, p_i) in enumerate(self.segments):
+            slots = np.flatnonzero(seg == k)
+            if not len(slots):  # more segments than middle slots
+                continue
+            d = {"segment": k, "start": int(2 * slots[0]), "end": int(2 * slots[-1] + 1)}
+            d |= {"p_w": p_w, "p_r": p_r, "p_i": p_i}
+            if self.ones is not None:
+                d["one"] = self.ones[k]
+            if self.flips is not None:
+                d["flip"] = self.flips[k]
+            out.append(d)
+        return out
+
     @property
     def k(self) -> int:
         return len(self.segments)

@@ -53,12 +53,16 @@ from ffinterp.checkpoints import model_digest
 from ffinterp.errors import FFInterpError
 from ffinterp.language import VOCAB, from_text, reads, to_text
 from ffinterp.scoring import score_tokens
+from ffinterp.text import count
 
 log = logging.getLogger("ffinterp.glitches")
 
 STATE_VERSION = 1
 GAP_EDGES = [2**k for k in range(1, 17)]  # gap bins [2,4), [4,8), ... in tokens
 DECOY_EDGES = [0, 1, 2, 3, 5, 9, 17, 33, 65, 129]  # decoy bins [0,1), [1,2), [2,3), [3,5) ...
+# How the CLI spells the arguments the errors below name (FFInterpError.for_cli).
+OUT = {"another out=": "another --out", "out=": "--out "}  # replaced in this order
+SEQ_LEN = {"seq_len": "--seq-len"}
 
 
 def _bins(values: torch.Tensor, edges: list[int]) -> torch.Tensor:
@@ -121,18 +125,20 @@ class GlitchFinder:
     ):
         self.dist = dist if dist is not None else distributed.current()
         if budget < 1:
-            raise FFInterpError(f"budget must be at least 1 sequence, got {budget}")
+            raise FFInterpError(f"budget must be >= 1, got {budget}")
         if batch_size < 1:
-            raise FFInterpError(f"batch size must be at least 1, got {batch_size}")
+            raise FFInterpError(f"batch_size must be >= 1, got {batch_size}")
         self.ffl = as_ffl_model(model, device)
         self.fast = self.ffl.fast.eval()
         self.device = self.ffl.device
         block = getattr(self.ffl.cfg, "block_size", None)
         self.seq_len = int(seq_len or block or 512)
         if self.seq_len < 4 or self.seq_len % 2:
-            raise FFInterpError(f"--seq-len must be an even number >= 4, got {self.seq_len}")
+            raise FFInterpError(f"seq_len must be an even number >= 4, got {self.seq_len}", flags=SEQ_LEN)
         if block is not None and self.seq_len > block:
-            raise FFInterpError(f"--seq-len {self.seq_len} exceeds the model's block size {block}")
+            raise FFInterpError(
+                f"seq_len {self.seq_len} exceeds the model's block size {block}", flags=SEQ_LEN
+            )
         self.strategies = resolve_strategies(strategy)
         self.budget, self.seed, self.batch_size = budget, seed, batch_size
         self.minimize, self.shorten, self.diagnose = minimize, shorten, diagnose
@@ -195,7 +201,7 @@ class GlitchFinder:
 
     def _open_out(self, resume: bool) -> None:
         if self.out.exists() and not self.out.is_dir():
-            raise FFInterpError(f"--out {self.out}: exists and is not a directory")
+            raise FFInterpError(f"out={self.out}: exists and is not a directory", flags=OUT)
         with _writing(self.out):
             self.out.mkdir(parents=True, exist_ok=True)
         self._take_lock()
@@ -218,8 +224,9 @@ class GlitchFinder:
         except OSError:
             lock.close()
             raise FFInterpError(
-                f"--out {self.out}: another find-glitches run is writing there ({self.out / '.lock'} is "
-                "held); wait for it to finish or choose another --out"
+                f"out={self.out}: another find-glitches run is writing there ({self.out / '.lock'} is "
+                "held); wait for it to finish or choose another out=",
+                flags=OUT,
             ) from None
         self._lock = lock
 
@@ -237,7 +244,8 @@ class GlitchFinder:
             if started:
                 raise FFInterpError(
                     f"{self.out} already holds a glitch search; "
-                    "pass --resume to continue it or choose another --out"
+                    "pass resume=True to continue it or choose another out=",
+                    flags={"resume=True": "--resume", **OUT},
                 )
             self.jsonl.write_text("")
             return
@@ -252,7 +260,8 @@ class GlitchFinder:
                 ]
                 raise FFInterpError(
                     f"{self.out}: cannot resume: the saved search differs in {', '.join(diff)}; "
-                    "rerun with the same model and options or choose another --out"
+                    "rerun with the same model and options or choose another out=",
+                    flags=OUT,
                 )
             self.state = state
         self.glitches = read_jsonl(self.jsonl, repair=True) if self.jsonl.exists() else []
@@ -323,6 +332,12 @@ class GlitchFinder:
                     if len(self.glitches) >= self.max_glitches:
                         break
                     self._run_strategy(strategy, share)
+                if bar is not None and bar.n < bar.total:  # finished early: say why, not an ETA
+                    bar.total = bar.n
+                    full = len(self.glitches) >= self.max_glitches
+                    asked = count(self.max_glitches, "glitch")
+                    why = f"found the {asked} asked for" if full else "every strategy finished early"
+                    bar.set_postfix_str(f"stopped: {why}", refresh=True)
             finally:
                 if bar is not None:
                     bar.close()
@@ -481,6 +496,7 @@ class GlitchFinder:
             h["reads"] = [x + y for x, y in zip(h["reads"], reads_h)]
             h["errors"] = [x + y for x, y in zip(h["errors"], errs_h)]
         scored_now = ctx.scored  # already counts this batch
+        distributed.check_stop()  # a SIGTERM stops the search here, between batches
         if self._bar is not None:
             self._bar.update(len(sc.tokens))
         if bool(err.any()):

@@ -21,6 +21,17 @@ from torch import Tensor
 
 from ffinterp.errors import FFInterpError
 from ffinterp.language import ONE, ZERO, I, W, from_text, last_write_pos, read_mask, to_text, validate
+from ffinterp.text import count
+
+
+def check_read(read: int, rps: list[int]) -> None:
+    """Refuse a read index (negative from the end) that the read positions ``rps`` lack."""
+    if not -len(rps) <= read < len(rps):
+        raise FFInterpError(
+            f"read={read} is out of range: the sequence has {count(len(rps), 'read')}",
+            flags={"read=": "--read "},
+        )
+
 
 CORRUPTIONS = ("flip-last-write", "ignore-last-write", "move-last-write")
 
@@ -122,8 +133,7 @@ def _pick_read(seq: Tensor, read: int | None, builder, require_change: bool, kin
     """Build the pair for the chosen read, or for the last read where the answer changes."""
     rps = read_positions(seq)
     if read is not None:
-        if not -len(rps) <= read < len(rps):
-            raise FFInterpError(f"--read {read} is out of range: the sequence has {len(rps)} reads")
+        check_read(read, rps)
         pair = builder(rps[read])
         if require_change and not pair.answer_changes:
             raise FFInterpError(
@@ -238,10 +248,10 @@ def move_last_write(
                 )
             target = slots[-1]
         if not 0 <= target < n or target % 2:
-            raise FFInterpError(f"move-last-write: --to {target} is not an instruction slot (even, < {n})")
+            raise FFInterpError(f"move-last-write: to={target} is not an instruction slot (even, < {n})")
         if target >= wp:
             raise FFInterpError(
-                f"move-last-write: --to {target} is not before the last write (at {wp}) of the read at {p}"
+                f"move-last-write: to={target} is not before the last write (at {wp}) of the read at {p}",
             )
         if int(clean[target]) != I:
             raise FFInterpError(

@@ -489,7 +489,7 @@ def path_patch(
         raise FFInterpError("path patching needs at least one receiver head (or 'logits')")
     via = "".join(dict.fromkeys(via))
     if not to_logits and (not via or set(via) - set("qkv")):
-        raise FFInterpError(f"--via must be made of q, k and v, got {via!r}")
+        raise FFInterpError(f"via must be made of q, k and v, got {via!r}", flags={"via": "--via"})
     first = L if to_logits else min(layer for layer, _ in recv)
     if senders is None:
         send = [(layer, h) for layer in range(first) for h in range(H)]

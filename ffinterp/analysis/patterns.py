@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -19,16 +20,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ffinterp import distributed
 from ffinterp.analysis.families import Family, Mixture
 from ffinterp.analysis.planted import Planted
-from ffinterp.analysis.tail import checked_model, placed, score_rows
+from ffinterp.analysis.tail import TailEstimate, checked_model, estimate, placed, score_rows
 from ffinterp.errors import FFInterpError
 from ffinterp.language import R
+from ffinterp.text import count
 
 
-def read_glitches(path: str | os.PathLike) -> list[str]:
-    """The minimal form of every glitch in a ``find-glitches`` ``glitches.jsonl`` (or the
-    glitch itself where it was not minimised)."""
+def _records(path: str | os.PathLike) -> tuple[Path, list[dict]]:
+    """The ``glitches.jsonl`` of ``path`` (the file, or a find-glitches folder) and its rows."""
     path = Path(path)
     if path.is_dir():
         path = path / "glitches.jsonl"
@@ -36,19 +38,75 @@ def read_glitches(path: str | os.PathLike) -> list[str]:
         lines = path.read_text().splitlines()
     except OSError as e:
         raise FFInterpError(f"{path}: cannot read glitches ({e.strerror or e})") from None
-    texts = []
+    rows = []
     for k, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            text = (row.get("minimized") or {}).get("text") or row["text"]
+            row["_text"] = str((row.get("minimized") or {}).get("text") or row["text"])
         except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
             raise FFInterpError(f"{path}:{k}: not a glitch record of find-glitches (need a 'text')") from None
-        texts.append(str(text))
-    if not texts:
+        rows.append(row)
+    if not rows:
         raise FFInterpError(f"{path}: no glitches in the file")
-    return texts
+    return path, rows
+
+
+def glitch_mismatch(path: str | os.PathLike, model: nn.Module, seq_len: int) -> str | None:
+    """Why the glitches at ``path`` are not ``model``'s at ``seq_len`` tokens, or None.
+
+    A find-glitches run records the model's weight digest (``summary.json``
+    ``model_sha256``; ``state.json`` while it runs) and the sequence length (there and in
+    every record). Another model's glitches, or glitches found at another length, plant
+    patterns that need not fail here: the proposal then misses this model's routes.
+    What a folder does not record (a bare ``glitches.jsonl``) is not checked.
+    """
+    from ffinterp.checkpoints import model_digest
+
+    file, rows = _records(path)
+    digest, lengths = None, {int(r["seq_len"]) for r in rows if isinstance(r.get("seq_len"), int)}
+    for name, keys in (("summary.json", ("model_sha256",)), ("state.json", ("fingerprint", "model"))):
+        try:
+            found = json.loads((file.parent / name).read_text())
+            for key in keys:
+                found = found[key]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        digest = str(found)
+        break
+    why, mine = [], model_digest(model) if digest is not None else None
+    if digest is not None and digest != mine:
+        why.append(f"they were found on another model (weights sha256 {digest[:12]}…, this one {mine[:12]}…)")
+    if lengths and lengths != {seq_len}:
+        at = ", ".join(str(t) for t in sorted(lengths))
+        why.append(f"they were found at seq_len {at}, not {seq_len}")
+    return f"{file}: " + " and ".join(why) if why else None
+
+
+PER_TEST = 128  # planted sequences that test or weigh one pattern
+
+
+def read_glitches(
+    path: str | os.PathLike,
+    *,
+    model: nn.Module | None = None,
+    seq_len: int | None = None,
+    force: bool = False,
+) -> list[str]:
+    """The minimal form of every glitch in a ``find-glitches`` ``glitches.jsonl`` (or the
+    glitch itself where it was not minimised).
+
+    With ``model`` (a fast model) the glitches must be that model's at ``seq_len`` tokens
+    (default: its block size; see :func:`glitch_mismatch`), unless ``force``."""
+    if model is not None:
+        t = seq_len or getattr(getattr(model, "cfg", None), "block_size", None) or 512
+        why = glitch_mismatch(path, model, t)
+        if why and not force:
+            raise FFInterpError(
+                f"{why}; pass force=True to plant them anyway", flags={"force=True": "--force"}
+            )
+    return [row["_text"] for row in _records(path)[1]]
 
 
 def from_glitches(target: Family, glitches: list[str], seq_len: int) -> list[Planted]:
@@ -112,6 +170,8 @@ def shrink(
     per_test: int = 128,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    budget: int | None = None,
+    per_found: int = 0,
 ) -> tuple[list[Planted], int]:
     """Smaller patterns than ``starts`` that still fail in random context.
 
@@ -119,7 +179,9 @@ def shrink(
     stays), with the gap left open or closed up by one slot, plant each in ``per_test``
     target sequences, and go on from the sub-pattern that fails most often, while any fails
     at all. Patterns in ``known`` (keys) are not tried
-    again. Returns the new patterns and the number of sequences scored.
+    again. With ``budget``, no test starts that could take the sequences scored past it,
+    counting ``per_found`` more for each pattern found (what the caller spends on weighing
+    it). Returns the new patterns and the number of sequences scored.
     """
     seen = set(known or ()) | {p.key for p in starts}
     found: list[Planted] = []
@@ -132,6 +194,8 @@ def shrink(
                 cand = _without(current, k, close)
                 if cand is None or cand.key in seen:
                     continue
+                if budget is not None and scored + per_test + per_found * (len(found) + 1) > budget:
+                    break
                 seen.add(cand.key)
                 _, err = _planted_errors(model, cand, per_test, int(rng.integers(2**31)), device)
                 rate = float(err.float().mean())
@@ -179,7 +243,8 @@ class GlitchProposal:
     def summary(self, top: int = 3) -> str:
         order = sorted(range(len(self.patterns)), key=lambda k: -self.contributions[k])
         best = "; ".join(f"{self.patterns[k]} ~{self.contributions[k]:.2g}" for k in order[:top])
-        return f"{len(self.patterns)} planted patterns ({self.scored} sequences scored), largest: {best}"
+        found = count(len(self.patterns), "planted pattern")
+        return f"{found} ({count(self.scored, 'sequence')} scored), largest: {best}"
 
 
 def glitch_proposal(
@@ -189,11 +254,12 @@ def glitch_proposal(
     seq_len: int | None = None,
     *,
     top: int = 5,
-    per_test: int = 128,
+    per_test: int = PER_TEST,
     floor: float = 0.1,
     exact: bool = True,
     seed: int = 0,
     device: str | torch.device = "auto",
+    budget: int | None = None,
 ) -> GlitchProposal:
     """Glitches (minimal forms) to a weighted mixture of planted patterns, for ``model`` (a
     fast model or a checkpoint spec) at ``seq_len`` tokens (default: its block size).
@@ -213,16 +279,30 @@ def glitch_proposal(
     spacing and in none of 1,024 jittered. With equal shares the exact forms soaked up the
     cross-entropy weight and the circuit's intervals missed; shares that follow the
     measured contributions fixed that (14 or 15 of 15 covered, over two versions of the shrinking).
+
+    ``budget`` caps the sequences scored (``scored``): weighing every pattern must fit in it,
+    and the shrinking stops where it would not.
     """
     fast, t, dev = checked_model(model, seq_len, device)
     patterns = from_glitches(target, glitches, t)
+    per_pattern = per_test * (2 if exact else 1)  # weighed jittered, and exactly spaced
+    if budget is not None and per_pattern * len(patterns) > budget:
+        raise FFInterpError(
+            f"weighing the {count(len(patterns), 'pattern')} of {count(len(glitches), 'glitch')} takes "
+            f"{per_pattern * len(patterns):,} sequences, more than budget={budget:,}: "
+            "give a larger budget or fewer glitches"
+        )
     kw = dict(per_test=per_test, seed=seed, device=dev)
     with placed(fast, dev):
         mass = contributions(fast, patterns, **kw)
         scored = per_test * len(patterns)
         if top > 0:
             order = sorted(range(len(patterns)), key=lambda k: (-mass[k], len(patterns[k].pattern)))
-            found, n = shrink(fast, [patterns[k] for k in order[:top]], known={p.key for p in patterns}, **kw)
+            left = None if budget is None else budget - per_pattern * len(patterns)
+            found, n = shrink(
+                fast, [patterns[k] for k in order[:top]], known={p.key for p in patterns}, budget=left,
+                per_found=per_pattern, **kw,
+            )  # fmt: skip
             patterns, mass = patterns + found, mass + contributions(fast, found, **kw)
             scored += n + per_test * len(found)
         comps = {}
@@ -240,8 +320,48 @@ def glitch_proposal(
     return GlitchProposal(family, planted, mass, scored)
 
 
+def estimate_planted(
+    model: nn.Module | str | os.PathLike,
+    target: Family,
+    glitches: list[str],
+    *,
+    budget: int = 20_000,
+    build_budget: int | None = 100_000,
+    seq_len: int | None = None,
+    top: int = 5,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    **estimate_kw,
+) -> TailEstimate:
+    """:func:`glitch_proposal` from ``glitches`` on at most ``build_budget`` sequences (None:
+    no cap), then :func:`~ffinterp.analysis.tail.estimate` under it on ``budget`` more
+    (``estimate_kw``: ``batch_size``, ``journal``, ``dist``, ...). Two budgets, because the
+    two stages need very different amounts: on the circuit, shrinking and weighing 5 glitches
+    took 79,000 sequences and the estimate 8,000. The result's ``scored`` is ``budget``, its
+    ``proposal_scored`` what building took."""
+    fast, t, dev = checked_model(model, seq_len, device)
+    need = 2 * PER_TEST * len(from_glitches(target, glitches, t))  # the least glitch_proposal spends
+    if build_budget is not None and need > build_budget:
+        raise FFInterpError(
+            f"weighing the patterns of {count(len(glitches), 'glitch')} takes {need:,} sequences, more "
+            f"than build_budget={build_budget:,}: raise it or plant fewer glitches",
+            flags={"build_budget=": "--plant-budget "},
+        )
+    built = glitch_proposal(fast, target, glitches, t, top=top, seed=seed, device=dev, budget=build_budget)
+    dist = estimate_kw.get("dist") or distributed.current()
+    if progress and dist.is_main:
+        print(built.summary(), file=sys.stderr)
+    result = estimate(
+        fast, target, budget=budget, seed=seed, seq_len=t, device=dev, progress=progress,
+        proposal=built.family, **estimate_kw,
+    )  # fmt: skip
+    return replace(result, proposal_scored=built.scored)
+
+
 __all__ = [
     "GlitchProposal",
+    "estimate_planted",
     "from_glitches",
     "glitch_proposal",
     "contributions",

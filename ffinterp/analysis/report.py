@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from ffinterp.text import count
+
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
     """Write JSON to a temp file, fsync, rename: readers never see half a file."""
@@ -101,12 +103,18 @@ class GlitchReport:
     def __getitem__(self, k: int) -> dict:
         return self.glitches[k]
 
-    def __repr__(self) -> str:
+    def headline(self) -> str:
+        """One line: how many glitches in how many sequences, on which model."""
         s = self.summary
         return (
-            f"GlitchReport({len(self)} glitches in {s.get('scored', 0):,} sequences scored, "
-            f"model={s.get('model')!r}, best margin={_fmt(s.get('best_margin'))})"
+            f"GlitchReport({count(len(self), 'glitch')} in {count(s.get('scored', 0), 'sequence')} "
+            f"scored, model={s.get('model')!r}, best margin={_fmt(s.get('best_margin'))})"
         )
+
+    def __repr__(self) -> str:
+        """The headline and the table of the worst glitches: what ``report`` shows in a REPL
+        and ``print(report)`` in a script (Jupyter shows :meth:`_repr_html_` instead)."""
+        return self.headline() + ("\n" + self.table(10) if len(self) else "")
 
     def top(self, n: int = 10) -> list[dict]:
         """The ``n`` glitches with the most negative margin (the surest failures)."""
@@ -248,7 +256,7 @@ class GlitchReport:
             rows.append(
                 (
                     f"strategy {name}",
-                    f"{st.get('scored', 0):,} scored, {st.get('glitches', 0)} glitches, "
+                    f"{st.get('scored', 0):,} scored, {count(st.get('glitches', 0), 'glitch')}, "
                     f"first at {st.get('first_glitch_at') or '-'}",
                 )
             )
@@ -291,7 +299,7 @@ class GlitchReport:
 
     def _repr_html_(self) -> str:
         return (
-            f"<div class='ffinterp-glitches'><b>{html.escape(repr(self))}</b>"
+            f"<div class='ffinterp-glitches'><b>{html.escape(self.headline())}</b>"
             f"{self._summary_table()}{self._glitch_table(10)}</div>"
         )
 

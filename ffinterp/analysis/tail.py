@@ -83,6 +83,7 @@ from ffinterp.intervals import clopper_pearson
 from ffinterp.language import last_write_pos, read_mask
 from ffinterp.models.gpt import GPT
 from ffinterp.scoring import rows_per_pass
+from ffinterp.text import count
 
 METHODS = ("is", "mc")
 JOURNAL_ROWS = 2048  # sequences per journalled chunk: what a kill can cost at most
@@ -136,10 +137,12 @@ def score_rows(model: nn.Module, tokens: Int[Tensor, "batch seq"]) -> RowScores:
 class TailEstimate:
     """P[a sequence has >= 1 read error] under ``target``, with its interval and diagnostics.
 
-    ``scored`` counts every sequence run through the model (pilot rounds included);
-    ``n`` those in the final estimate; ``hits`` the erring ones among them; ``ess`` the Kish
-    effective number of hits, ``(sum w e)^2 / sum (w e)^2`` over the final summands (equal to
-    ``hits`` when all weights agree, as under MC). When ``reliable`` is False the interval
+    ``scored`` counts every sequence run through the model (pilot rounds included): the
+    budget; ``proposal_scored`` those scored before, to build a planted proposal
+    (:func:`ffinterp.analysis.patterns.estimate_planted`); ``n`` those in the final
+    estimate; ``hits`` the erring ones among them; ``ess`` the Kish effective number of hits,
+    ``(sum w e)^2 / sum (w e)^2`` over the final summands (equal to ``hits`` when all weights
+    agree, as under MC). When ``reliable`` is False the interval
     must not be quoted: ``warning`` says why.
     """
 
@@ -161,6 +164,7 @@ class TailEstimate:
     seq_len: int
     confidence: float
     seconds: float
+    proposal_scored: int = 0
 
     def to_dict(self) -> dict:
         """JSON-ready; an unreliable interval is ``null`` (never a confident-looking number)."""
@@ -187,13 +191,19 @@ class TailEstimate:
             out.append(f"read error rate             = {self.per_read:.3e}  (point estimate only)")
             out.append(f"interval not reliable: {self.warning}")
         out.append(
-            f"{self.scored} sequences scored, {self.n} in the estimate, {self.hits} with an error, "
+            f"{count(self.scored, 'sequence')} scored, {self.n:,} in the estimate, "
+            f"{self.hits:,} with an error, "
             f"ESS {self.ess:.1f}, {self.seconds:.1f} s"
+            + (
+                f"; and {self.proposal_scored:,} before, to build the proposal"
+                if self.proposal_scored
+                else ""
+            )
         )
         if self.proposal != self.target:
             text = self.proposal
             if len(text) > 400:
-                text = text[:400] + " ... (all of it in --json)"
+                text = text[:400] + " ... (all of it in to_dict(), or with --json)"
             out.append(f"proposal {text}")
         return out
 
@@ -234,7 +244,8 @@ class Journal:
             if saved.get("fingerprint") != self.fingerprint:
                 raise FFInterpError(
                     f"{self.path}: journal of another run (model or arguments differ); "
-                    "delete it or give another --journal"
+                    "delete it or give another journal=",
+                    flags={"journal=": "--journal"},
                 )
             self.chunks = dict(saved["chunks"])
 
@@ -285,6 +296,7 @@ def _kish(x: Tensor) -> float:
 
 
 PROPOSALS = ("markov", "piecewise")
+SEQ_LEN = {"seq_len": "--seq-len"}  # how the CLI spells it (FFInterpError.for_cli)
 
 
 def checked_model(
@@ -296,9 +308,9 @@ def checked_model(
     block = getattr(getattr(fast, "cfg", None), "block_size", None)
     t = seq_len if seq_len is not None else (block or 512)
     if t < 4 or t % 2:
-        raise FFInterpError(f"seq_len must be an even number >= 4, got {t}")
+        raise FFInterpError(f"seq_len must be an even number >= 4, got {t}", flags=SEQ_LEN)
     if block is not None and t > block:
-        raise FFInterpError(f"seq_len {t} exceeds the model's block_size {block}")
+        raise FFInterpError(f"seq_len {t} exceeds the model's block size {block}", flags=SEQ_LEN)
     try:
         dev = resolve_device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
@@ -325,7 +337,7 @@ def _describe(family: Family) -> str:
     """The proposal family in a few words, for the method line."""
     parts = family.components if isinstance(family, Mixture) else (family,)
     if all(isinstance(p, Planted) for p in parts):
-        return f"the weights of {len(parts)} planted glitch pattern(s)"
+        return f"the weights of {count(len(parts), 'planted glitch pattern')}"
     return type(family).__name__
 
 
@@ -397,7 +409,7 @@ def estimate(
     if not isinstance(target, Family):
         raise FFInterpError(f"target must be a Family, got {type(target).__name__}")
     if budget < 1 or batch_size < 1:
-        raise FFInterpError(f"budget and batch size must be >= 1, got {budget} and {batch_size}")
+        raise FFInterpError(f"budget and batch_size must be >= 1, got {budget} and {batch_size}")
     if not 0 < confidence < 1:
         raise FFInterpError(f"confidence must be in (0, 1), got {confidence}")
     if not (0 < pilot < 1 and 0 < elite < 1 and 0 < smoothing <= 1 and 0 < defensive < 1 and rounds >= 1):
@@ -438,6 +450,7 @@ def estimate(
                         book.put(f"{key}/{k}", got)
                     parts.append(got)
                     bar.update(len(chunk))
+                    distributed.check_stop()  # a SIGTERM stops the run here, between chunks
                 x = torch.cat(parts)
                 return RowScores(x[:, 0].long(), x[:, 1].long(), x[:, 2])
 
@@ -509,7 +522,7 @@ def estimate(
             "the proposal never found errors"
         )
     elif hits < min_hits:
-        reasons.append(f"only {hits} erring sequences in the final sample (need {min_hits})")
+        reasons.append(f"only {count(hits, 'erring sequence')} in the final sample (need {min_hits})")
     if hits and ess < min_ess:
         reasons.append(f"effective number of error hits {ess:.1f} < {min_ess:g} (weights degenerate)")
     # Each chain's last pilot round is an independent unbiased estimate (its proposal was
@@ -526,7 +539,7 @@ def estimate(
     return TailEstimate(
         est, max(0.0, est - half), est + half, per_read, max(0.0, per_read - rhalf), per_read + rhalf,
         scored, n, hits, ess,
-        f"is ({chains} cross-entropy chain(s) x {rounds} pilot rounds adapting "
+        f"is ({count(chains, 'cross-entropy chain')} x {count(rounds, 'pilot round')} adapting "
         f"{_describe(adapted_all[0])}, defensive mixture {defensive:g}; unbiased mean of "
         "w*1[error], normal interval)",
         not reasons, "; ".join(reasons) or None, str(target), str(g), t, confidence,

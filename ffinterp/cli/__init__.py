@@ -24,6 +24,19 @@ app = typer.Typer(
 )
 
 
+class Command(typer.core.TyperCommand):
+    """A command whose usage line spells arguments one way in every command: ``CKPT`` when
+    required, ``[CKPT]`` when optional (typer's own marks required ones ``{ckpt}``)."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = (param.metavar or param.name or "").upper()
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"ffinterp {__version__}")
@@ -47,6 +60,12 @@ def fail(message: str) -> None:
     if found is not None and found[0] != 0:  # under torchrun every rank sees the same arguments
         raise PeerError(message)  # and rank 0 alone says what is wrong with them
     raise FFInterpError(message)
+
+
+def at_least(value: float, flag: str, low: int = 1) -> None:
+    """Refuse ``value`` below ``low``, in the one wording every command uses for it."""
+    if value < low:
+        fail(f"{flag} must be >= {low}, got {value}")
 
 
 def check_out_file(out, flag: str = "--out") -> None:
@@ -144,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except FFInterpError as e:
         if not getattr(e, "silent", False):  # a torchrun rank repeating rank 0's error stays quiet
-            print(f"ffinterp: error: {e}", file=sys.stderr)
+            print(f"ffinterp: error: {e.for_cli()}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("ffinterp: interrupted", file=sys.stderr)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from ffinterp.cli import app, check_out_file, fail
+from ffinterp.cli import Command, app, check_out_file, fail
+from ffinterp.text import count
 
 SPARSE_P_I = 0.98
 
@@ -28,16 +29,16 @@ def _choose_reads(spec: str | None, n_reads: int) -> list[int]:
             fail(f"--read must be an integer, a comma list of them, or 'all', got {spec!r}")
         if not -n_reads <= k < n_reads:
             fail(
-                f"--read {k}: the sequence has {n_reads} reads "
+                f"--read {k}: the sequence has {count(n_reads, 'read')} "
                 f"(use 0..{n_reads - 1}, or negative from the end)"
             )
         out.append(k % n_reads)
     return out
 
 
-@app.command()
+@app.command(cls=Command)
 def attention(
-    ckpt: str = typer.Argument(..., help="ckpt.pt, nanoGPT, HF folder or pretrained:NAME."),
+    ckpt: str = typer.Argument(..., metavar="CKPT", help="ckpt.pt, nanoGPT, HF folder or pretrained:NAME."),
     seq: str = typer.Option(None, "--seq", help="One sequence as text, e.g. 'w1i0i1r1'."),
     seq_file: Path = typer.Option(None, "--seq-file", help="Text lines, jsonl or parquet; see --row."),
     row: int = typer.Option(0, "--row", help="Which sequence of --seq-file (0-based)."),
@@ -51,7 +52,12 @@ def attention(
     seed: int = typer.Option(0, "--seed", help="Seed of the sparse sequence used without --seq."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA if present), cpu, cuda ..."),
 ) -> None:
-    """Name the read heads by patching, show where they look and the circuit; plot a heatmap."""
+    """Name the read heads by patching, and show where they look.
+
+    Prints the causal table (what each head's output at the read carries), where the read
+    and companion heads look relative to the last write, the circuit from path patching, and
+    each head's attention on its target at the chosen reads; plots a heatmap with --out.
+    """
     from ffinterp.language import reads, sample, validate
     from ffinterp.viz import HTML_SUFFIXES, IMAGE_SUFFIXES
 
@@ -110,7 +116,10 @@ def attention(
     scores = model.predict_reads(tokens)
 
     typer.echo(f"model: {model.name} ({model.n_layers} layers x {model.n_heads} heads, {model.tl_line})")
-    typer.echo(f"sequence: {tokens.shape[-1]} tokens, {len(rd)} reads" + (f" ({source})" if source else ""))
+    typer.echo(
+        f"sequence: {count(tokens.shape[-1], 'token')}, {count(len(rd), 'read')}"
+        + (f" ({source})" if source else "")
+    )
     typer.echo(rh.table(limit=8))
     typer.echo("")
     cols = "".join(f"{head_name(*h):>8}" for h in shown)

@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import typer
 
-from ffinterp.cli import app, fail
+from ffinterp.cli import Command, app, at_least, fail
 
 
-@app.command("estimate")
+@app.command("estimate", cls=Command)
 def estimate_command(
     ckpt: str = typer.Argument(
-        ..., help="ckpt.pt (ffinterp or nanoGPT), a GPT-2 folder, or pretrained:NAME."
+        ..., metavar="CKPT", help="ckpt.pt (ffinterp or nanoGPT), a GPT-2 folder, or pretrained:NAME."
     ),
     p_i: float = typer.Option(0.98, "--p-i", help="Target distribution FFL(p_i)."),
     seq_len: int = typer.Option(
         None, "--seq-len", help="Tokens per sequence (even; default: the model's block size)."
     ),
-    budget: int = typer.Option(20_000, "--budget", help="Sequences to score in all (pilot rounds included)."),
+    budget: int = typer.Option(
+        20_000,
+        "--budget",
+        help="Sequences the estimate scores, pilot rounds included; with --maximize, the search "
+        "and --confirm together. --plant's proposal is built from --plant-budget more.",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of every sample drawn."),
     method: str = typer.Option("is", "--method", help="is (importance sampling) or mc (plain sampling)."),
     batch_size: int = typer.Option(256, "--batch-size", help="Sequences per forward pass."),
@@ -35,7 +39,7 @@ def estimate_command(
         64, "--per-eval", help="With --maximize: sequences per candidate distribution."
     ),
     confirm: int = typer.Option(
-        2_000, "--confirm", help="With --maximize: fresh sequences to re-measure the best."
+        2_000, "--confirm", help="With --maximize: of --budget, fresh sequences to re-measure the best."
     ),
     journal: str = typer.Option(
         None, "--journal", help="Record scored chunks in this file; rerun with it to resume a killed run."
@@ -51,8 +55,20 @@ def estimate_command(
         "--shrink",
         help="With --plant: shrink the N patterns that carry the most errors (0: keep them as found).",
     ),
+    plant_budget: int = typer.Option(
+        100_000,
+        "--plant-budget",
+        help="With --plant: at most this many sequences to shrink and weigh the patterns (before --budget).",
+    ),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="With --plant: plant glitches another model (or another --seq-len) found, instead of refusing.",
+    ),
 ) -> None:
-    """P[a sequence has a read error] under FFL(p_i), by importance sampling (or plain sampling).
+    """How often reads err, far below what sampling sees.
+
+    P[a sequence has a read error] under FFL(p_i), by importance sampling (or plain sampling).
 
     With --maximize, search instead for the piecewise FFL distribution (started at FFL(p_i))
     with the highest read-error rate, and re-measure it on --confirm fresh sequences.
@@ -72,10 +88,8 @@ def estimate_command(
         fail(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     if not 0.0 <= p_i < 1.0:
         fail(f"--p-i must lie in [0, 1), got {p_i}")
-    if budget < 1:
-        fail(f"--budget must be >= 1, got {budget}")
-    if batch_size < 1:
-        fail(f"--batch-size must be >= 1, got {batch_size}")
+    at_least(budget, "--budget")
+    at_least(batch_size, "--batch-size")
     if seq_len is not None and (seq_len < 4 or seq_len % 2):
         fail(f"--seq-len must be an even number >= 4, got {seq_len}")
     from ffinterp import distributed
@@ -87,48 +101,41 @@ def estimate_command(
         from ffinterp.analysis.adversary import default_family
         from ffinterp.analysis.adversary import maximize as run_maximize
 
-        if per_eval < 1 or per_eval > budget:
-            fail(f"--per-eval must lie in [1, --budget], got {per_eval}")
-        if confirm < 1:
-            fail(f"--confirm must be >= 1, got {confirm}")
+        at_least(per_eval, "--per-eval")
+        at_least(confirm, "--confirm")
+        if budget < confirm + per_eval:
+            fail(
+                f"--budget {budget} must be >= --confirm + --per-eval ({confirm} + {per_eval}): "
+                "the search needs at least one candidate's sample"
+            )
         found = run_maximize(
             ckpt, start=default_family(p_i=p_i), seq_len=seq_len, budget=budget, per_eval=per_eval,
             confirm=confirm, seed=seed, batch_size=batch_size, device=device, progress=progress,
         )  # fmt: skip
         typer.echo(json.dumps(found.to_dict(), indent=2) if as_json else str(found))
         return
-    model, proposal, extra = ckpt, "markov", 0
-    if plant is not None:
+    kw = dict(
+        budget=budget, seed=seed, seq_len=seq_len, batch_size=batch_size, progress=progress,
+        device=dist.device if dist.active else device, journal=journal, dist=dist,
+    )  # fmt: skip
+    if plant is None:
+        result = estimate(ckpt, FFL.from_p_i(p_i), method=method, **kw)
+    else:
         if method != "is":
             fail("--plant shapes the importance-sampling proposal: use it with --method is")
-        if shrink_top < 0:
-            fail(f"--shrink must be >= 0, got {shrink_top}")
-        from ffinterp.analysis.patterns import glitch_proposal, read_glitches
-        from ffinterp.evaluate import _as_model
+        at_least(shrink_top, "--shrink", 0)
+        at_least(plant_budget, "--plant-budget")
+        from ffinterp.analysis.patterns import estimate_planted, glitch_mismatch, read_glitches
+        from ffinterp.analysis.tail import checked_model
 
-        glitches = read_glitches(plant)
-        model, _ = _as_model(ckpt)  # loaded once, for the proposal and the estimate
-        built = glitch_proposal(
-            model, FFL.from_p_i(p_i), glitches, seq_len, top=shrink_top, seed=seed,
-            device=dist.device if dist.active else device,
-        )  # fmt: skip
-        if progress and dist.is_main:
-            typer.echo(built.summary(), err=True)
-        proposal, extra = built.family, built.scored
-    result = estimate(
-        model,
-        FFL.from_p_i(p_i),
-        budget=budget,
-        seed=seed,
-        method=method,
-        seq_len=seq_len,
-        batch_size=batch_size,
-        device=dist.device if dist.active else device,
-        progress=progress,
-        journal=journal,
-        dist=dist,
-        proposal=proposal,
-    )
-    result = replace(result, scored=result.scored + extra)
+        model, t, _ = checked_model(ckpt, seq_len, kw["device"])  # loaded once, for both stages
+        why = glitch_mismatch(plant, model, t)
+        if why and not force:
+            fail(f"{why}; pass --force to plant them anyway")
+        if why and dist.is_main:
+            typer.echo(f"warning: planting another model's patterns: {why}", err=True)
+        result = estimate_planted(
+            model, FFL.from_p_i(p_i), read_glitches(plant), top=shrink_top, build_budget=plant_budget, **kw
+        )
     if dist.is_main:
         typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else str(result))

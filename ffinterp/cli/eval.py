@@ -8,14 +8,14 @@ from pathlib import Path
 
 import typer
 
-from ffinterp.cli import app, fail
+from ffinterp.cli import Command, app, at_least, fail
 from ffinterp.data import STANDARD_SETS
 
 
-@app.command("eval")
+@app.command("eval", cls=Command)
 def eval_command(
     ckpt: str = typer.Argument(
-        ..., help="ckpt.pt (ffinterp or nanoGPT), a GPT-2 folder, or pretrained:NAME."
+        ..., metavar="CKPT", help="ckpt.pt (ffinterp or nanoGPT), a GPT-2 folder, or pretrained:NAME."
     ),
     sets: str = typer.Option(
         None,
@@ -43,15 +43,17 @@ def eval_command(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
 ) -> None:
-    """Score every read; print per-read and per-sequence error rates with 95% intervals (0 errors
-    print as an upper bound)."""
+    """Error rates on the standard sets or a file, with intervals.
+
+    Scores every read; prints per-read and per-sequence error rates with intervals that take the
+    sequence as the unit (0 errors print as an upper bound).
+    """
     from ffinterp import distributed
     from ffinterp.evaluate import evaluate
 
-    if n is not None and n < 1:
-        fail(f"--n must be >= 1, got {n}")
-    if batch_size < 1:
-        fail(f"--batch-size must be >= 1, got {batch_size}")
+    if n is not None:
+        at_least(n, "--n")
+    at_least(batch_size, "--batch-size")
     from ffinterp.device import resolve_device
 
     try:  # before distributed.init, which would raise torch's own error for it

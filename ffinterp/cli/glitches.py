@@ -6,13 +6,17 @@ from pathlib import Path
 
 import typer
 
-from ffinterp.cli import app, fail
+from ffinterp.cli import Command, app, at_least, fail
+from ffinterp.pretrained import DEFAULT_MODEL, PREFIX
+from ffinterp.text import count
 
 
-@app.command("find-glitches")
+@app.command("find-glitches", cls=Command)
 def find_glitches_cmd(
     ckpt: str = typer.Argument(
-        None, help="ckpt.pt, nanoGPT, HF folder or pretrained:NAME (default: the shipped mitigated model)."
+        None,
+        metavar="CKPT",
+        help=f"ckpt.pt, nanoGPT, HF folder or pretrained:NAME (default: {PREFIX}{DEFAULT_MODEL}).",
     ),
     strategy: str = typer.Option(
         "all", "--strategy", help="random, families, evolve, gradient, distribution or all (the first four)."
@@ -29,21 +33,21 @@ def find_glitches_cmd(
     no_diagnose: bool = typer.Option(False, "--no-diagnose", help="Skip the attention diagnosis."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
-    """Find inputs where the read fails, verify them on the hooked model, and report them."""
+    """Search a model for glitches, verify and explain them.
+
+    Finds inputs where a read fails, verifies each on the hooked model, minimises and
+    diagnoses it, and writes glitches.jsonl, summary.json and report.html to --out.
+    """
     from ffinterp.analysis.glitches import find_glitches
     from ffinterp.analysis.search import STRATEGIES
-    from ffinterp.pretrained import DEFAULT_MODEL, PREFIX
 
     if ckpt is not None and not ckpt.strip():  # '' is not "the default model": say so
         fail("CKPT: empty path; give a checkpoint, or leave it out for the shipped default model")
     if strategy != "all" and strategy not in STRATEGIES:
         fail(f"--strategy must be one of {', '.join(sorted(STRATEGIES))} or all, got {strategy!r}")
-    if budget < 1:
-        fail(f"--budget must be at least 1, got {budget}")
-    if max_glitches < 1:
-        fail(f"--max-glitches must be at least 1, got {max_glitches}")
-    if batch_size < 1:
-        fail(f"--batch-size must be at least 1, got {batch_size}")
+    at_least(budget, "--budget")
+    at_least(max_glitches, "--max-glitches")
+    at_least(batch_size, "--batch-size")
     if device != "auto" and not (device == "cpu" or device.startswith("cuda")):
         fail(f"--device must be auto, cpu or cuda[:N], got {device!r}")
     if seq_len is not None and (seq_len < 4 or seq_len % 2):
@@ -73,14 +77,14 @@ def find_glitches_cmd(
     if not dist.is_main:
         return
     s = report.summary
+    found = f"{count(len(report), 'verified glitch')} in {count(s['scored'], 'sequence')} scored"
     typer.echo(
-        f"{len(report)} verified glitches in {s['scored']:,} sequences scored "
-        f"(best margin {s['best_margin']:.4f}) -> {out}/glitches.jsonl, summary.json, report.html"
+        f"{found} (best margin {s['best_margin']:.4f}) -> {out}/glitches.jsonl, summary.json, report.html"
         if s["best_margin"] is not None
-        else f"{len(report)} verified glitches in {s['scored']:,} sequences scored -> {out}"
+        else f"{found} -> {out}"
     )
     if len(report):
         typer.echo(report.table(10))
     if s["disagreements"]:
-        n = s["disagreements"]
-        typer.echo(f"warning: {n} internal errors (fast and hooked models disagreed); see summary.json")
+        n = count(s["disagreements"], "internal error")
+        typer.echo(f"warning: {n} (fast and hooked models disagreed); see summary.json")

@@ -59,7 +59,7 @@ def harden(
     no_png: bool = typer.Option(False, "--no-png", help="Skip rounds.png (it needs chromium)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar and no per-round rows."),
 ) -> None:
-    """Harden a model: find its glitches, fine-tune on them, measure; repeat."""
+    """Harden a model: find glitches, fine-tune on them, repeat."""
     import math
 
     from ffinterp.harden import harden as run

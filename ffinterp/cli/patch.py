@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ffinterp.cli import app, check_out_file, fail
+from ffinterp.cli import Command, app, check_out_file, fail
 
 WHAT = {
     "heads": "z",
@@ -45,9 +45,9 @@ def _pair_for(
     fail(f"no sampled sequence (seed {seed}, {SAMPLE_TRIES} tries) fits --corrupt {corrupt}: {last}")
 
 
-@app.command()
+@app.command(cls=Command)
 def patch(
-    ckpt: str = typer.Argument(..., help="ckpt.pt, nanoGPT, HF folder or pretrained:NAME."),
+    ckpt: str = typer.Argument(..., metavar="CKPT", help="ckpt.pt, nanoGPT, HF folder or pretrained:NAME."),
     seq: str = typer.Option(None, "--seq", help="The clean sequence as text (default: a sampled one)."),
     corrupt: str = typer.Option(
         "flip-last-write", "--corrupt", help="flip-last-write, ignore-last-write or move-last-write."
@@ -70,7 +70,11 @@ def patch(
     seed: int = typer.Option(0, "--seed", help="Seed of the sampled sequence."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA if present), cpu, cuda ..."),
 ) -> None:
-    """Patch clean activations into the corrupted run and print the sites that restore the read."""
+    """Causal patching: which sites carry the read's answer.
+
+    Patches clean activations into the corrupted run and prints the sites that restore
+    the read.
+    """
     from ffinterp.analysis.pairs import CORRUPTIONS
     from ffinterp.analysis.patching import METRICS
     from ffinterp.viz import HTML_SUFFIXES, IMAGE_SUFFIXES

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import typer
 
-from ffinterp.cli import app, check_out_file, fail
+from ffinterp.cli import Command, app, check_out_file, fail
 from ffinterp.data import format_sequences, read_sequences, write_sequences
 from ffinterp.language import sample as sample_tokens
+from ffinterp.text import count
 
 
-@app.command()
+@app.command(cls=Command)
 def sample(
     n: int = typer.Option(10, "--n", min=1, help="Number of sequences."),
     seq_len: int = typer.Option(512, "--seq-len", min=2, help="Tokens per sequence (even)."),
@@ -21,7 +22,10 @@ def sample(
     fmt: str = typer.Option("text", "--format", help="text, jsonl or parquet."),
     out: Path = typer.Option(None, "--out", help="Write here instead of stdout."),
 ) -> None:
-    """Sample FFL(p_i) sequences in the synthseq/flipflop text format."""
+    """Sample FFL(p_i) sequences.
+
+    Written in the synthseq/flipflop text format (or jsonl/parquet with a text field).
+    """
     if fmt not in ("text", "jsonl", "parquet"):
         fail(f"--format must be text, jsonl or parquet, got {fmt!r}")
     check_out_file(out)
@@ -36,11 +40,16 @@ def sample(
         sys.stdout.write(format_sequences(tokens, fmt))
 
 
-@app.command()
+@app.command(cls=Command)
 def validate(
-    file: Path = typer.Argument(..., help="Text lines, jsonl with a 'text' field, or parquet."),
+    file: Path = typer.Argument(
+        ..., metavar="FILE", help="Text lines, jsonl with a 'text' field, or parquet."
+    ),
     unlabelled: bool = typer.Option(False, "--unlabelled", help="Do not check read bits."),
 ) -> None:
-    """Check every sequence in FILE; report the first bad line and position."""
+    """Check every sequence in a file.
+
+    Prints how many valid sequences FILE holds, or the first bad line and position (exit 2).
+    """
     tokens = read_sequences(file, labelled=not unlabelled)
-    typer.echo(f"{file}: {len(tokens)} valid sequences of length {tokens.shape[1]}")
+    typer.echo(f"{file}: {count(len(tokens), 'valid sequence')} of length {tokens.shape[1]}")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from ffinterp.cli import app, check_out_dir, fail
+from ffinterp.cli import Command, app, check_out_dir, fail
 
 
 def _floats(text: str, flag: str) -> list[float]:
@@ -19,7 +19,7 @@ def _floats(text: str, flag: str) -> list[float]:
         raise
 
 
-@app.command()
+@app.command(cls=Command)
 def train(
     out: Path = typer.Option(..., "--out", help="Run folder; ckpt.pt is written there."),
     preset: str = typer.Option("tiny", "--preset", help="micro, tiny, small, paper or lstm."),
@@ -51,7 +51,10 @@ def train(
         "", "--init-from", help="Fine-tune: start from this checkpoint's weights (or pretrained:NAME)."
     ),
 ) -> None:
-    """Train a model on flip-flop data; Ctrl-C saves a valid checkpoint."""
+    """Train a model on flip-flop data.
+
+    Ctrl-C or SIGTERM saves a valid checkpoint; --resume continues it bit-exactly.
+    """
     import math
 
     from ffinterp.train import TrainConfig
