@@ -52,6 +52,8 @@ def trained_on(e: dict, entries: list[dict] | None = None) -> str:
         extras.append("fixed positions")
     text = ", ".join([text, *extras])
     parent = e.get("init_from") or (tc.get("init_from") and _shipped_name(str(tc["init_from"]), entries))
+    if parent and parent == e.get("name"):  # a longer run of the same recipe, not a fine-tune
+        return f"{text} (continued from an earlier {parent})"
     return f"fine-tuned from {parent} on {text}" if parent else text
 
 

@@ -117,7 +117,8 @@ def test_cli_lists_the_zoo_within_the_terminal_width(columns):
 
 def test_trained_on_names_the_model_a_fine_tune_started_from():
     said = {e["name"]: pretrained.trained_on(e) for e in MODELS}
-    assert said["glitchy-128"] == "FFL(0.8)" and said["lstm-512"] == "FFL(0.8)"
+    assert said["glitchy-128"] == "FFL(0.8)"
+    assert said["lstm-512"] == "FFL(0.8) (continued from an earlier lstm-512)"  # trained longer
     assert said["sharpen-512"] == "fine-tuned from glitchy-512 on FFL(0.8), attention sharpening 0.01"
     assert said["dropout-512"] == "fine-tuned from glitchy-512 on FFL(0.8), embedding dropout 0.1"
     assert said["mitigated-128"].startswith("fine-tuned from glitchy-128 on a mixture of FFL(0.1)")
