@@ -3,6 +3,7 @@
     python scripts/add_pretrained.py eval RUN_DIR [RUN_DIR ...]
     python scripts/add_pretrained.py add NAME RUN_DIR --description "..." [--command "..."]...
         [--seed-run OTHER_RUN_DIR]... [--init-from NAME]
+    python scripts/add_pretrained.py reeval NAME [NAME ...] --work DIR
 
 ``eval`` scores a run's ``ckpt.pt`` with :func:`ffinterp.evaluate.evaluate` on the three
 standard sets at their default sizes (at the run's own sequence length) and caches the figures
@@ -150,6 +151,31 @@ def add(args: argparse.Namespace) -> None:
     print(f"added {args.name}: {dest} ({dest.stat().st_size / 1e6:.1f} MB)")
 
 
+def reeval(args: argparse.Namespace) -> None:
+    """Score shipped models again on the full standard sets (the sequence-level figures came
+    later than some entries) and replace their index figures; the weights stay as they are."""
+    for name in args.names:
+        index = json.loads(INDEX_PATH.read_text())
+        entry = next((m for m in index["models"] if m["name"] == name), None)
+        if entry is None:
+            raise SystemExit(f"reeval: no shipped model named {name!r}")
+        run_dir = args.work / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt = run_dir / "ckpt.pt"
+        if not ckpt.exists():
+            ckpt.symlink_to((ZOO_DIR / entry["file"]).resolve())
+        figures = run_eval(run_dir, args.batch_size, None)
+        index = json.loads(INDEX_PATH.read_text())  # re-read: another reeval may have written it
+        for m in index["models"]:
+            if m["name"] == name:
+                m["eval"], m["eval_seconds"] = figures["eval"], figures["eval_seconds"]
+                m["eval_command"] = f"ffinterp eval pretrained:{name} --seq-len {entry['seq_len']} --json"
+        tmp = INDEX_PATH.with_suffix(f".json.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(index, indent=2) + "\n")
+        os.replace(tmp, INDEX_PATH)
+        print(f"re-measured {name} on the full standard sets")
+
+
 def _describe(arch: str, cfg: dict) -> str:
     if arch == "lstm":
         return f"LSTM, {cfg['n_layer']} layer, {cfg['hidden']} hidden"
@@ -182,8 +208,13 @@ def main() -> None:
     ad.add_argument(
         "--seed-note", default="", help="How the replicates differ from the shipped run, if at all."
     )
+    re_ = sub.add_parser("reeval", help="Re-measure shipped models on the full sets; update the index.")
+    re_.add_argument("names", nargs="+")
+    re_.add_argument("--work", type=Path, required=True, help="Folder for the per-model eval caches.")
     args = ap.parse_args()
-    if args.what == "eval":
+    if args.what == "reeval":
+        reeval(args)
+    elif args.what == "eval":
         for d in args.run_dirs:
             run_eval(d, args.batch_size, parse_n(args.eval_n))
     else:

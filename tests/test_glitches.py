@@ -132,7 +132,11 @@ def test_every_jsonl_line_is_a_real_error_on_both_views(ffl, tmp_path):
     html = (tmp_path / "report.html").read_text()
     assert not re.search(r"<script[^>]*\ssrc=", html)  # offline: plotly.js is inlined, not fetched
     assert "Plotly.newPlot" in html and len(html) > 1_000_000
+    assert "How to read the table" in html and "forced fixes" in html  # the legend
     summary = json.loads((tmp_path / "summary.json").read_text())
+    circuit = summary["read_heads"]["circuit"]  # the heads named once, by patching, with the circuit
+    assert circuit["summary"] and "The read circuit (path patching)" in html
+    assert all(line in html for line in circuit["summary"][:1])
     assert summary["glitches"] == 6 and summary["disagreements"] == 0
 
 
