@@ -320,6 +320,10 @@ def _atomic_write(path: Path, data: bytes) -> None:
             tmp.unlink()
 
 
+#: Renders tried when kaleido's page was not ready yet (a start-up race under load).
+KALEIDO_TRIES = 3
+
+
 def to_image_bytes(
     fig: go.Figure, fmt: str, *, width: int | None = None, height: int | None = None, scale: float = 1.0
 ) -> bytes:
@@ -333,18 +337,25 @@ def to_image_bytes(
         height=int(height or layout.height or 500),
         scale=scale,
     )
-    server = getattr(kaleido, "_global_server", None)
-    running = server is not None and server.is_running()
-    try:
-        if running:
-            return kaleido.calc_fig_sync(fig.to_dict(), opts=opts)
-        return kaleido.calc_fig_sync(fig.to_dict(), opts=opts, kopts={"mathjax": False})
-    except Exception as e:  # kaleido raises several types when chromium is missing or dies
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ExportError(
-            f"could not render {fmt.upper()} with kaleido ({type(e).__name__}: {first}); "
-            "PNG/SVG export needs chromium (apt-get install chromium, or scripts/setup.sh)"
-        ) from None
+    error: Exception | None = None
+    for _ in range(KALEIDO_TRIES):
+        server = getattr(kaleido, "_global_server", None)
+        running = server is not None and server.is_running()
+        try:
+            if running:
+                return kaleido.calc_fig_sync(fig.to_dict(), opts=opts)
+            return kaleido.calc_fig_sync(fig.to_dict(), opts=opts, kopts={"mathjax": False})
+        except Exception as e:  # kaleido raises several types when chromium is missing or dies
+            error = e
+            # On a loaded machine chromium can take the render call before kaleido's page has
+            # loaded its scripts ("kaleido_scopes is not defined"): a fresh try succeeds.
+            if "kaleido_scopes" not in str(e):
+                break
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    raise ExportError(
+        f"could not render {fmt.upper()} with kaleido ({type(error).__name__}: {first}); "
+        "PNG/SVG export needs chromium (apt-get install chromium, or scripts/setup.sh)"
+    ) from None
 
 
 @contextlib.contextmanager

@@ -147,3 +147,32 @@ def test_exported_html_renders_offline_in_headless_chromium(tmp_path):
     dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
     assert '<svg class="main-svg"' in dom, dom[:500]
     assert "L0H0 ★ read head" in dom
+
+
+def test_export_retries_only_kaleidos_start_up_race(monkeypatch):
+    """Under load chromium can run the render before kaleido's page has loaded its scripts;
+    that one error is retried, any other is reported at once."""
+    import kaleido
+
+    from ffinterp.viz import ExportError, to_image_bytes
+
+    calls = []
+
+    def racy(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("ReferenceError: kaleido_scopes is not defined")
+        return b"\x89PNG"
+
+    monkeypatch.setattr(kaleido, "calc_fig_sync", racy)
+    assert to_image_bytes(go.Figure(), "png") == b"\x89PNG" and len(calls) == 2
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("chromium not found")
+
+    calls.clear()
+    monkeypatch.setattr(kaleido, "calc_fig_sync", broken)
+    with pytest.raises(ExportError, match="chromium not found"):
+        to_image_bytes(go.Figure(), "png")
+    assert len(calls) == 1
