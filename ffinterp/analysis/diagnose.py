@@ -299,9 +299,8 @@ class Diagnoser:
         tokens = torch.as_tensor(tokens).cpu().long()
         carrier = self.ref.carrier
         with _patterns_cached("diagnose"):
-            ra = read_attention(
-                self.ffl, tokens[None], top_k=3, keep_rows=True, batch_size=1, carrier=carrier
-            )
+            # each head's mass on its own target is read from the rows below
+            ra = read_attention(self.ffl, tokens[None], top_k=3, keep_rows=True, batch_size=1)
         k = int((ra.reads.pos == read_pos).nonzero()[0])
         lw = int(ra.reads.write_pos[k])
         heads = []
